@@ -1,0 +1,58 @@
+"""Calibration: run batches through the model and stream statistics of the inputs of chosen
+modules (never holding the activations themselves). Ctrl-C stops cleanly between batches."""
+from __future__ import annotations
+
+import torch
+
+from lathe.compress.formats import check_finite
+from lathe.errors import BadInput
+
+
+class AbsMaxObserver:
+    """Running per-channel max |x| over the last dim (SmoothQuant's statistic)."""
+
+    def __init__(self):
+        self.amax = None
+        self.batches = 0
+
+    def update(self, x: torch.Tensor, where: str):
+        x = x.detach().float()
+        if not torch.isfinite(x).all():
+            raise BadInput(f"calibration activations entering {where} hold NaN/Inf")
+        a = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)
+        self.amax = a if self.amax is None else torch.maximum(self.amax, a)
+        self.batches += 1
+
+
+def observe_inputs(model, names, batches, progress=None) -> dict:
+    """Per-channel |x| max of the input of each module in `names`, over `batches`
+    (a list of dicts of model inputs)."""
+    if not batches:
+        raise BadInput("the calibration set is empty: give --calib FILE with at least one line")
+    modules = dict(model.named_modules())
+    obs, hooks = {}, []
+    for n in names:
+        obs[n] = AbsMaxObserver()
+        hooks.append(modules[n].register_forward_pre_hook(
+            lambda mod, args, n=n: obs[n].update(args[0], n)))
+    try:
+        with torch.inference_mode():
+            for i, b in enumerate(batches):
+                model(**b)
+                if progress:
+                    progress(i + 1, len(batches))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: o.amax for n, o in obs.items()}
+
+
+def smoothquant_scales(act_amax: torch.Tensor, weights: list, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha) over the Linears that read X (SmoothQuant).
+    Channels that never fire, or whose weights are all zero, keep s = 1."""
+    w_amax = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    for w in weights:
+        check_finite("weight", w)
+    s = act_amax.clamp(min=1e-5).pow(alpha) / w_amax.clamp(min=1e-5).pow(1 - alpha)
+    ok = (act_amax > 0) & (w_amax > 0) & torch.isfinite(s)
+    return torch.where(ok, s, torch.ones_like(s)).clamp(1e-4, 1e4)

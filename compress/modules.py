@@ -1,0 +1,74 @@
+"""Quantized modules: plain nn.Modules holding packed tensors as buffers. They save to and load
+from state dicts (no pickle) and call only torch.ops.lathe.*."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import lathe.kernels  # noqa: F401
+from lathe.compress.formats import Int8PerChannel, check_finite
+
+
+class QLinearW8A8(nn.Module):
+    """Linear with int8 per-channel weights and per-token dynamic int8 activations.
+
+    Buffers: weight int8 [N, K], weight_scale fp32 [N], bias fp32 [N] (optional). `act` is an
+    activation fused into the kernel's epilogue ("none", "gelu", "silu").
+    """
+
+    format = Int8PerChannel()
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "none",
+                 smooth: bool = False, act_asym: bool = True, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.act = in_features, out_features, act
+        self.act_asym = act_asym  # per-token asymmetric (zero point) or symmetric activations
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        # SmoothQuant: x is quantized as x * smooth (smooth = 1/s; W was multiplied by s).
+        self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
+        # The CPU kernel's pre-packed copy: derived state, rebuilt by prepare(), never saved.
+        self.register_buffer("_packed", None, persistent=False)
+        self.register_buffer("_colsum", None, persistent=False)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, name: str = "linear", act: str = "none", smooth=None,
+                    act_asym: bool = True):
+        """smooth: SmoothQuant's per-input-channel s [K] (W*s is quantized, x/s at run time)."""
+        check_finite(f"weight of {name}", lin.weight)
+        w = lin.weight.detach().float()
+        if smooth is not None:
+            w = w * smooth[None, :]
+        q, s = cls.format.quantize(w)
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, act, smooth is not None,
+                act_asym)
+        if smooth is not None:
+            m.smooth.copy_(1.0 / smooth)
+        m.weight.copy_(q)
+        m.weight_scale.copy_(s)
+        if lin.bias is not None:
+            m.bias.copy_(lin.bias.detach().float())
+        return m.prepare()
+
+    def prepare(self):
+        """Pack the weight for the device it is on (once, at load time)."""
+        from lathe.kernels.dispatch import backend_for
+        if self.weight.device.type == "cpu" and backend_for("linear_w8a8", "cpu") == "cpu":
+            from lathe.kernels import cpu
+            self._packed, self._colsum = cpu.int8_pack(self.weight)
+        else:
+            self._packed = self._colsum = None
+        return self
+
+    def forward(self, x):
+        exporting = torch.compiler.is_exporting()
+        return torch.ops.lathe.linear_w8a8(
+            x, self.weight, self.weight_scale, self.bias, self.act, self.smooth,
+            self.act_asym, None if exporting else self._packed, None if exporting else self._colsum)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, act={self.act}, act_asym={self.act_asym}, format={self.format.name}"
+
+
+QUANT_MODULES = {"QLinearW8A8": QLinearW8A8}

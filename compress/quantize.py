@@ -1,0 +1,79 @@
+"""`quantize(model, config, calib=...)`: one verb, a config dataclass, a registered handler."""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn as nn
+
+from lathe.compress.calibrate import observe_inputs, smoothquant_scales
+from lathe.compress.config import HANDLERS, Int8Config, register_handler
+from lathe.compress.modules import QLinearW8A8
+from lathe.errors import BadInput
+
+
+def quantize(model: nn.Module, config, calib=None, progress=None) -> dict:
+    """Quantize `model` in place as `config` says; returns a report of what was done.
+
+    calib: a list of input dicts (model(**batch)) for methods that calibrate.
+    """
+    handler = HANDLERS.get(type(config))
+    if handler is None:
+        raise BadInput(f"no handler for config type {type(config).__name__}")
+    return handler(model, config, calib, progress)
+
+
+def _set_module(model, name, new):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _groups(model):
+    """(input-owner, [linear names]) groups; models without an adapter get one group a Linear."""
+    if hasattr(model, "linear_groups"):
+        return list(model.linear_groups())
+    return [(n, [n]) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+@register_handler(Int8Config)
+def _int8(model, cfg: Int8Config, calib, progress):
+    groups = _groups(model)
+    modules = dict(model.named_modules())
+    skipped, done = [], []
+    smooth = {}
+    if cfg.smoothquant:
+        if calib is None:
+            raise BadInput("int8 with smoothquant needs calibration data (calib=...; or set smoothquant: false)")
+        firsts = [names[0] for _, names in groups]
+        amax = observe_inputs(model, firsts, calib, progress)
+        for _, names in groups:
+            ws = [modules[n].weight for n in names]
+            s = smoothquant_scales(amax[names[0]], ws, cfg.alpha)
+            for n in names:
+                smooth[n] = s
+    for _, names in groups:
+        for n in names:
+            lin = modules[n]
+            if not isinstance(lin, nn.Linear):
+                skipped.append((n, f"{type(lin).__name__} is not an nn.Linear"))
+                continue
+            if any(fnmatch.fnmatch(n, p) for p in cfg.skip):
+                skipped.append((n, "skip list"))
+                continue
+            act = "none"
+            owner = model.get_submodule(n.rpartition(".")[0]) if "." in n else None
+            if cfg.fuse_act and owner is not None and getattr(owner, "act", None) == "gelu" \
+                    and hasattr(owner, "act_fused"):
+                act, owner.act_fused = "gelu", True
+            _set_module(model, n, QLinearW8A8.from_linear(lin, n, act, smooth.get(n), not cfg.act_symmetric))
+            done.append(n)
+    return {"method": "int8", "quantized": done, "skipped": [f"{n}: {why}" for n, why in skipped]}
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (torchao's habit)."""
+    ref, test = ref.double(), test.double()
+    noise = (ref - test).pow(2).mean()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).mean() / noise))

@@ -1,0 +1,82 @@
+"""One dispatcher: which implementation runs an op on a device.
+
+Per op and device the candidates are tried in order and the first available one wins:
+  cuda device: cuda (lathe._C_cuda) -> triton -> reference
+  cpu device:  cpu (lathe._C, C++ with run-time ISA choice) -> reference
+Override with the environment (LATHE_BACKEND=reference, or LATHE_BACKEND_<OP>=..., e.g.
+LATHE_BACKEND_ATTENTION=reference) or in code with `use_backend(...)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+from lathe import _ext
+
+# op -> device type -> ordered candidates. "reference" is always last and always available.
+CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "linear_w8a8": {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
+    "linear_w4a16": {"cpu": ("reference",), "cuda": ("cuda", "triton", "reference")},
+    "attention": {"cpu": ("sdpa", "reference"), "cuda": ("triton", "sdpa", "reference")},
+}
+
+_local = threading.local()
+
+
+def _available(backend: str) -> bool:
+    if backend in ("reference", "sdpa"):
+        return True
+    if backend == "cpu":
+        return _ext.cpu() is not None
+    if backend == "cuda":
+        return _ext.cuda() is not None
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return False
+
+
+def _override(op: str) -> str | None:
+    stack = getattr(_local, "stack", None)
+    if stack:
+        for want_op, backend in reversed(stack):
+            if want_op in (op, None):
+                return backend
+    return os.environ.get(f"LATHE_BACKEND_{op.upper()}") or os.environ.get("LATHE_BACKEND")
+
+
+def backend_for(op: str, device) -> str:
+    """The implementation that `torch.ops.lathe.<op>` uses for tensors on `device`."""
+    if op not in CANDIDATES:
+        raise ValueError(f"unknown lathe op {op!r}: expected one of {sorted(CANDIDATES)}")
+    dev = getattr(device, "type", str(device)).split(":")[0]
+    candidates = CANDIDATES[op].get(dev, ("reference",))
+    forced = _override(op)
+    if forced:
+        if forced not in candidates:
+            raise ValueError(
+                f"backend {forced!r} cannot run {op} on {dev}: choose one of {list(candidates)}")
+        if not _available(forced):
+            raise RuntimeError(f"backend {forced!r} for {op} is not available on this machine")
+        return forced
+    for b in candidates:
+        if _available(b):
+            return b
+    return "reference"
+
+
+@contextlib.contextmanager
+def use_backend(backend: str, op: str | None = None):
+    """Force `backend` for `op` (or for every op) inside the block, in this thread."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append((op, backend))
+    try:
+        yield
+    finally:
+        stack.pop()

@@ -1,0 +1,31 @@
+"""lathe: compress PyTorch models, export them, and prove the speed-up on lathe's own kernels.
+
+Importing lathe is cheap: it never initialises CUDA and never needs a GPU, TensorRT or the
+CUDA extension. Each feature imports what it needs when it is used.
+"""
+__version__ = "0.1.0"
+
+# lathe.compress, lathe.export, lathe.bench and lathe.kernels are subpackages; the verbs below
+# are the one-call forms of the main jobs.
+__all__ = ["load", "compress_checkpoint", "export_onnx", "__version__"]
+
+
+def load(path, device: str = "cpu"):
+    """Load a Hugging Face checkpoint directory or a lathe compressed directory as a
+    torch.nn.Module whose hot ops run through torch.ops.lathe.* (lathe's kernels)."""
+    from lathe.compress.checkpoint import load as _load
+
+    return _load(path, device)
+
+
+def compress_checkpoint(src, recipe, out, calib=None, progress=None):
+    """Compress checkpoint `src` with `recipe` (preset name or YAML path) into directory `out`."""
+    from lathe.pipeline import compress_checkpoint as _run
+
+    return _run(src, recipe, out, calib, progress)
+
+
+def export_onnx(src, out, **kw):
+    from lathe.export.onnx import export_onnx as _export
+
+    return _export(src, out, **kw)

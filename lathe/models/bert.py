@@ -1,0 +1,150 @@
+"""BERT-style encoders (BertModel: MiniLM, BERT, ...) built from plain modules whose names
+match the Hugging Face checkpoint, so its safetensors load with `assign=True` and compress
+passes can swap `nn.Linear` for lathe's quantized modules. Attention runs through
+`torch.ops.lathe.attention`, so the dispatcher picks the kernel."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lathe.kernels  # noqa: F401  (registers torch.ops.lathe.*)
+from lathe.errors import BadInput
+
+REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+            "vocab_size")
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.position_embeddings = nn.Embedding(c.get("max_position_embeddings", 512), c["hidden_size"])
+        self.token_type_embeddings = nn.Embedding(c.get("type_vocab_size", 2), c["hidden_size"])
+        self.LayerNorm = nn.LayerNorm(c["hidden_size"], eps=c.get("layer_norm_eps", 1e-12))
+
+    def forward(self, input_ids, token_type_ids):
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        h = c["hidden_size"]
+        self.num_heads = c["num_attention_heads"]
+        self.head_dim = c.get("head_dim", h // self.num_heads)
+        inner = self.num_heads * self.head_dim
+        self.query = nn.Linear(h, inner)
+        self.key = nn.Linear(h, inner)
+        self.value = nn.Linear(h, inner)
+
+    def forward(self, x, key_padding_mask):
+        B, S, _ = x.shape
+
+        def heads(t):
+            return t.view(B, S, -1, self.head_dim).transpose(1, 2)
+
+        o = torch.ops.lathe.attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
+                                      key_padding_mask, False, 1.0 / math.sqrt(self.head_dim))
+        return o.transpose(1, 2).reshape(B, S, -1)
+
+
+class SelfOutput(nn.Module):
+    def __init__(self, c, in_features):
+        super().__init__()
+        self.dense = nn.Linear(in_features, c["hidden_size"])
+        self.LayerNorm = nn.LayerNorm(c["hidden_size"], eps=c.get("layer_norm_eps", 1e-12))
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.self = SelfAttention(c)
+        self.output = SelfOutput(c, self.self.num_heads * self.self.head_dim)
+
+    def forward(self, x, key_padding_mask):
+        return self.output(self.self(x, key_padding_mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dense = nn.Linear(c["hidden_size"], c["intermediate_size"])
+        act = c.get("hidden_act", "gelu")
+        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+            raise BadInput(f"unsupported hidden_act {act!r} in config.json")
+        self.act = act
+        # Set by compress when the activation is fused into a quantized dense's epilogue.
+        self.act_fused = False
+
+    def forward(self, x):
+        x = self.dense(x)
+        if self.act_fused:
+            return x
+        if self.act == "relu":
+            return F.relu(x)
+        return F.gelu(x, approximate="none" if self.act == "gelu" else "tanh")
+
+
+class Layer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.attention = Attention(c)
+        self.intermediate = Intermediate(c)
+        self.output = SelfOutput(c, c["intermediate_size"])
+
+    def forward(self, x, key_padding_mask):
+        x = self.attention(x, key_padding_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
+
+
+class BertEncoder(nn.Module):
+    """forward(input_ids, attention_mask=None, token_type_ids=None) -> last_hidden_state
+    [B, S, hidden] (the tensor that sentence-transformers mean-pools)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        missing = [k for k in REQUIRED if k not in config]
+        if missing:
+            raise BadInput(f"config.json lacks {', '.join(missing)} for a BERT-style model")
+        self.config = dict(config)
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.encoder.layer:
+            x = layer(x, key_padding_mask)
+        return x
+
+    def linear_groups(self):
+        """For compress: (name of a module that takes x, [names of the Linears reading x])."""
+        for i, _ in enumerate(self.encoder.layer):
+            p = f"encoder.layer.{i}"
+            yield f"{p}.attention.self", [f"{p}.attention.self.{n}" for n in ("query", "key", "value")]
+            yield f"{p}.attention.output.dense", [f"{p}.attention.output.dense"]
+            yield f"{p}.intermediate.dense", [f"{p}.intermediate.dense"]
+            yield f"{p}.output.dense", [f"{p}.output.dense"]
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence-transformers' pooling: the mean of the real tokens' vectors."""
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)

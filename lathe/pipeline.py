@@ -1,0 +1,34 @@
+"""The compress flow: open the source, run the recipe's steps, save atomically."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lathe.errors import BadInput
+
+
+def calibration_batches(src_path, calib_file=None, n: int = 128, batch_size: int = 16):
+    from lathe import text
+
+    texts = text.read_lines(calib_file) if calib_file else list(text.calibration_texts(n))
+    tok = text.Tokenizer(src_path)
+    return text.batches(tok, texts, batch_size=batch_size, seq_len=128)
+
+
+def compress_checkpoint(src, recipe, out, calib=None, progress=None) -> Path:
+    from lathe.compress.checkpoint import build_model, save
+    from lathe.compress.quantize import quantize
+    from lathe.compress.recipes import Recipe, load_recipe
+    from lathe.source import open_source, writable_parent
+
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    source = open_source(src)
+    if source.is_compressed:
+        raise BadInput(f"{src} is already a lathe compressed checkpoint; compress the original")
+    out = writable_parent(out)
+    if out.exists() and out.resolve() == source.path.resolve():
+        raise BadInput("the output directory must differ from the source checkpoint")
+    model = build_model(source)
+    batches = calib if calib is not None and not isinstance(calib, (str, Path)) else \
+        calibration_batches(source.path, calib)
+    reports = [quantize(model, step, batches, progress) for step in rec.steps]
+    return save(model, source, out, rec.to_dict(), {"steps": reports})

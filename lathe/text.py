@@ -1,0 +1,86 @@
+"""Text for evaluation and calibration, and tokenization, all offline.
+
+- eval_sentences(): lathe's fixed, varied evaluation set (data/sentences.txt, 300 lines).
+- calibration_texts(): paragraphs of the Python standard library's docstrings; kept apart
+  from the evaluation set so quality is never measured on the calibration data.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from lathe.errors import BadInput
+
+DATA = Path(__file__).parent / "data"
+
+
+def eval_sentences() -> list[str]:
+    return [l for l in (DATA / "sentences.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def read_lines(path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"calibration file not found: {p}")
+    try:
+        lines = [l.strip() for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+    except UnicodeDecodeError:
+        raise BadInput(f"calibration file {p} is not UTF-8 text") from None
+    if not lines:
+        raise BadInput(f"calibration file {p} is empty: it needs one text a line")
+    return lines
+
+
+@functools.lru_cache(maxsize=4)
+def calibration_texts(n: int = 128) -> tuple:
+    import ast
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for f in sorted(stdlib.glob("*.py")):
+        try:
+            doc = ast.get_docstring(ast.parse(f.read_text(encoding="utf-8")))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for para in (doc or "").split("\n\n"):
+            para = " ".join(para.split())
+            if 40 <= len(para) <= 600:
+                out.append(para)
+        if len(out) >= n:
+            break
+    return tuple(out[:n])
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer.json through the `tokenizers` library (no transformers import)."""
+
+    def __init__(self, model_dir):
+        from tokenizers import Tokenizer as _T
+
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise BadInput(f"{model_dir} has no tokenizer.json")
+        self.tok = _T.from_file(str(path))
+        self.max_length = 512
+
+    def __call__(self, texts, seq_len: int | None = None):
+        """Dict of int64 tensors; padded to seq_len (and truncated) when given, else to the
+        longest text."""
+        import torch
+
+        tok = self.tok
+        tok.enable_truncation(max_length=seq_len or self.max_length)
+        if seq_len:
+            tok.enable_padding(length=seq_len, pad_id=0, pad_token="[PAD]")
+        else:
+            tok.enable_padding(pad_id=0, pad_token="[PAD]")
+        enc = tok.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+        types = torch.tensor([e.type_ids for e in enc], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def batches(tokenizer, texts, batch_size: int = 16, seq_len: int | None = None):
+    return [tokenizer(texts[i:i + batch_size], seq_len) for i in range(0, len(texts), batch_size)]
