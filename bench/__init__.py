@@ -1,0 +1,1 @@
+"""lathe.bench: timing and statistics, backends, scenarios, quality, reports."""

@@ -1,0 +1,1 @@
+"""lathe.export: ONNX export with lathe's op lowerings, validation on onnxruntime."""

@@ -1,0 +1,78 @@
+"""Validation of an exported graph, every time: onnx.checker, an onnxruntime run on real
+sentences at two batch/sequence sizes (so dynamic axes are exercised), and a comparison with
+the PyTorch model (max abs / relative error, cosine of mean-pooled embeddings)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lathe.errors import ValidationFailed
+
+# Per precision: the PyTorch model and its export compute the same math; int8 graphs may
+# differ where a rounding tie falls the other way, so they get a looser bound.
+TOLERANCE = {"fp32": {"min_cos": 0.9999, "max_rel": 1e-3}, "int8": {"min_cos": 0.999, "max_rel": 0.05}}
+
+
+@dataclass
+class Validation:
+    path: str
+    precision: str
+    max_abs: float
+    max_rel: float
+    min_cos: float
+    shapes: list
+    passed: bool
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"validation {verdict}: {self.path} ({self.precision}) vs PyTorch on onnxruntime: "
+                f"max abs {self.max_abs:.2e}, max rel {self.max_rel:.2e}, min cosine {self.min_cos:.6f} "
+                f"over shapes {self.shapes}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def ort_session(path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def validate_onnx(path, model, model_dir, quantized: bool, raise_on_fail: bool = True) -> Validation:
+    import onnx
+
+    from lathe.models.bert import mean_pool
+    from lathe.text import Tokenizer, eval_sentences
+
+    onnx.checker.check_model(str(path))
+    sess = ort_session(path)
+    names = {i.name for i in sess.get_inputs()}
+    tok = Tokenizer(model_dir)
+    sents = eval_sentences()
+    max_abs = max_rel = 0.0
+    min_cos = 1.0
+    shapes = []
+    for batch, seq in ((3, 24), (8, 64)):
+        b = tok(sents[:batch], seq_len=seq)
+        with torch.inference_mode():
+            ref = model(**b).float()
+        got = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in b.items() if k in names})[0])
+        max_abs = max(max_abs, float((got - ref).abs().max()))
+        max_rel = max(max_rel, float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12)))
+        cos = torch.nn.functional.cosine_similarity(mean_pool(got, b["attention_mask"]),
+                                                    mean_pool(ref, b["attention_mask"]))
+        min_cos = min(min_cos, float(cos.min()))
+        shapes.append([batch, seq])
+    prec = "int8" if quantized else "fp32"
+    tol = TOLERANCE[prec]
+    ok = min_cos >= tol["min_cos"] and max_rel <= tol["max_rel"]
+    v = Validation(str(path), prec, max_abs, max_rel, min_cos, shapes, ok)
+    if not ok and raise_on_fail:
+        raise ValidationFailed(v.summary() + f" (needs min cosine >= {tol['min_cos']}, max rel <= {tol['max_rel']})")
+    return v

@@ -1,0 +1,168 @@
+"""The `lathe` command. Exit codes: 0 success, 2 bad input, 3 failed validation, 130 Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lathe.errors import BadInput, LatheError
+
+EXAMPLES = {
+    "compress": "example:\n  lathe compress ./all-MiniLM-L6-v2 --recipe int8 -o ./minilm-int8\n"
+                "  lathe compress ./model --recipe my-recipe.yaml --calib texts.txt -o ./out",
+    "export": "example:\n  lathe export ./minilm-int8 --to onnx -o minilm-int8.onnx\n"
+              "  lathe export ./model --to onnx --opset 18 --no-validate -o model.onnx",
+    "bench": "example:\n  lathe bench ./minilm-int8 --batch 1,8 --seq 128 --json out.json\n"
+             "  lathe bench compare before.json after.json --threshold 0.1",
+    "demo": "example:\n  lathe demo -o lathe-demo-out",
+}
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not v or any(x < 1 for x in v):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return v
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lathe", description="Compress, export and benchmark PyTorch models "
+                                "on lathe's own kernels.", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="run `lathe COMMAND --help` for each command's options and an example")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    c = sub.add_parser("compress", help="compress a checkpoint with a recipe", epilog=EXAMPLES["compress"],
+                       formatter_class=fmt)
+    c.add_argument("src", help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    c.add_argument("--recipe", required=True, help="preset name (int8, int8-dynamic) or a recipe YAML file")
+    c.add_argument("--calib", help="calibration text file, one text a line (default: stdlib docstrings)")
+    c.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
+
+    e = sub.add_parser("export", help="export to ONNX (validated on onnxruntime) or TensorRT",
+                       epilog=EXAMPLES["export"], formatter_class=fmt)
+    e.add_argument("src", help="Hugging Face model directory or lathe compressed directory")
+    e.add_argument("--to", choices=["onnx", "tensorrt"], default="onnx")
+    e.add_argument("--target", choices=["onnxruntime"], default="onnxruntime",
+                   help="runtime whose patterns the quantized ops lower to")
+    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+    e.add_argument("-o", "--out", required=True, help="output file")
+
+    b = sub.add_parser("bench", help="latency and quality, many backends side by side",
+                       epilog=EXAMPLES["bench"], formatter_class=fmt)
+    b.add_argument("target", help="model directory, lathe compressed directory, or `compare`")
+    b.add_argument("rest", nargs="*", help="with `compare`: A.json B.json")
+    b.add_argument("--backend", default=None,
+                   help="comma-separated: torch,compile,lathe,onnxruntime,ort-int8,lathe-onnx")
+    b.add_argument("--batch", type=_ints, default=[1, 8])
+    b.add_argument("--seq", type=int, default=128)
+    b.add_argument("--min-runs", type=int, default=100)
+    b.add_argument("--min-seconds", type=float, default=10.0)
+    b.add_argument("--json", help="write the JSON report here")
+    b.add_argument("--out", default="lathe-bench-out", help="folder for report.{json,md,csv,png}")
+    b.add_argument("--threshold", type=float, default=0.10, help="compare: regression threshold")
+
+    d = sub.add_parser("demo", help="the main job on the embedded all-MiniLM-L6-v2",
+                       epilog=EXAMPLES["demo"], formatter_class=fmt)
+    d.add_argument("-o", "--out", default="lathe-demo-out", help="output folder")
+    d.add_argument("--min-runs", type=int, default=20)
+    d.add_argument("--min-seconds", type=float, default=3.0)
+    return p
+
+
+def _compress(a):
+    import lathe
+
+    out = lathe.compress_checkpoint(a.src, a.recipe, a.out, a.calib)
+    print(f"wrote {out}")
+
+
+def _export(a):
+    if a.to == "tensorrt":
+        from lathe.export.tensorrt import require_tensorrt
+        require_tensorrt()
+    from lathe.export.onnx import export_onnx
+
+    out, report = export_onnx(a.src, a.out, a.target, a.opset, validate=not a.no_validate)
+    if report:
+        print(report.summary())
+    print(f"wrote {out}")
+
+
+def _bench(a):
+    import json
+
+    from lathe.bench.report import compare, table, write_all
+
+    if a.target == "compare":
+        if len(a.rest) != 2:
+            raise BadInput("usage: lathe bench compare A.json B.json")
+        docs = []
+        for f in a.rest:
+            try:
+                docs.append(json.loads(Path(f).read_text()))
+            except FileNotFoundError:
+                raise BadInput(f"no such file: {f}") from None
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{f} is not JSON: {e.msg}") from None
+        try:
+            text, regressed = compare(docs[0], docs[1], a.threshold)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        print(text)
+        return 1 if regressed else 0
+    from lathe import benchflow
+
+    backends = tuple(a.backend.split(",")) if a.backend else benchflow.DEFAULT
+    doc = benchflow.run(a.target, Path(a.out), backends, a.batch, a.seq, a.min_runs, a.min_seconds)
+    paths = write_all(doc, Path(a.out))
+    if a.json:
+        from lathe.compress.checkpoint import atomic_file
+        with atomic_file(Path(a.json)) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))
+    print(table(doc))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _demo(a):
+    from lathe import demo
+
+    demo.run(a.out, a.min_runs, a.min_seconds)
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if a.version:
+        import lathe
+        print(f"lathe {lathe.__version__}")
+        return 0
+    if not a.cmd:
+        parser.print_help()
+        return 2
+    try:
+        rc = {"compress": _compress, "export": _export, "bench": _bench, "demo": _demo}[a.cmd](a)
+        return rc or 0
+    except LatheError as e:
+        print(f"lathe: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lathe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line, not a 40-line traceback; LATHE_DEBUG=1 shows it
+        if os.environ.get("LATHE_DEBUG"):
+            raise
+        print(f"lathe: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(LATHE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
