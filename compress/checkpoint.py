@@ -114,6 +114,7 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
         "model_type": src.model_type,
         "recipe": recipe,
         "source": {"path": str(src.path), "sha256": source_hash(src)},
+        "transforms": [t for r in (report or {}).get("steps", []) for t in r.get("transforms", [])],
         "modules": describe_modules(model),
         "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
                     for k, v in sd.items()},
@@ -138,6 +139,8 @@ def build_model(src: Source, device="cpu") -> nn.Module:
     cls = model_class(src.config)
     with torch.device("meta"):
         model = cls(src.config)
+        for t in (src.manifest or {}).get("transforms", []):
+            model.transform(t)
         for name, entry in (src.manifest or {}).get("modules", {}).items():
             qcls = QUANT_MODULES.get(entry.get("class"))
             if qcls is None:

@@ -19,6 +19,7 @@ class Int8Config:
     alpha: float = 0.5
     act_symmetric: bool = False  # True: zero point 0 activations (what TensorRT QDQ accepts)
     fuse_act: bool = True
+    fuse_qkv: bool = True  # one GEMM for query/key/value (exact; needs no layer skipped)
     skip: list = field(default_factory=list)  # fnmatch patterns of module names kept in fp32
 
     def __post_init__(self):

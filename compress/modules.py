@@ -51,6 +51,25 @@ class QLinearW8A8(nn.Module):
             m.bias.copy_(lin.bias.detach().float())
         return m.prepare()
 
+    @classmethod
+    def concat(cls, parts):
+        """One module computing the parts' outputs side by side (exact: weights are quantized
+        per output channel and the parts share the input's quantization)."""
+        p0 = parts[0]
+        same = all(p.act == p0.act and p.act_asym == p0.act_asym and (p.smooth is None) == (p0.smooth is None)
+                   and (p.smooth is None or torch.equal(p.smooth, p0.smooth)) for p in parts)
+        if not same:
+            raise ValueError("cannot concatenate quantized linears with different input quantization")
+        m = cls(p0.in_features, sum(p.out_features for p in parts), p0.bias is not None, p0.act,
+                p0.smooth is not None, p0.act_asym, device=p0.weight.device)
+        m.weight = torch.cat([p.weight for p in parts])
+        m.weight_scale = torch.cat([p.weight_scale for p in parts])
+        if p0.bias is not None:
+            m.bias = torch.cat([p.bias for p in parts])
+        if p0.smooth is not None:
+            m.smooth = p0.smooth.clone()
+        return m.prepare() if m.weight.device.type != "meta" else m
+
     def prepare(self):
         """Pack the weight for the device it is on (once, at load time)."""
         from lathe.kernels.dispatch import backend_for

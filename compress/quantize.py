@@ -67,7 +67,12 @@ def _int8(model, cfg: Int8Config, calib, progress):
                 act, owner.act_fused = "gelu", True
             _set_module(model, n, QLinearW8A8.from_linear(lin, n, act, smooth.get(n), not cfg.act_symmetric))
             done.append(n)
-    return {"method": "int8", "quantized": done, "skipped": [f"{n}: {why}" for n, why in skipped]}
+    transforms = []
+    if cfg.fuse_qkv and hasattr(model, "transform") and not skipped:
+        model.transform("fuse_qkv")
+        transforms.append("fuse_qkv")
+    return {"method": "int8", "quantized": done, "skipped": [f"{n}: {why}" for n, why in skipped],
+            "transforms": transforms}
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:

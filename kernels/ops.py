@@ -106,5 +106,6 @@ def _sdpa(q, k, v, key_padding_mask, causal, scale):
         enable_gqa=q.shape[1] != k.shape[1])
     if key_padding_mask is not None:
         empty = ~key_padding_mask.bool().any(dim=-1)
-        out = out.masked_fill(empty[:, None, None, None], 0.0)
+        if bool(empty.any()):  # rare: skip the extra pass over the output otherwise
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
     return out

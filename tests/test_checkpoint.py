@@ -42,7 +42,8 @@ def test_int8_uses_lathe_kernels_and_is_close(minilm, minilm_int8):
 
     q = lathe.load(minilm_int8)
     n_q = sum(isinstance(m, QLinearW8A8) for m in q.modules())
-    assert n_q == 36
+    assert n_q == 24  # per layer: fused qkv, attention output, intermediate (GELU fused), output
+    assert q.encoder.layer[0].intermediate.dense.act == "gelu"
     manifest = json.loads((minilm_int8 / "lathe_manifest.json").read_text())
     assert manifest["recipe"]["name"] == "int8" and len(manifest["source"]["sha256"]) == 64
     tok = Tokenizer(minilm)
@@ -73,3 +74,15 @@ def test_sigkill_leaves_previous_output_intact(minilm, minilm_int8, tmp_path):
     # a killed run may leave its hidden temp folder, never a complete-looking output
     for f in leftovers:
         assert not (f / "lathe_manifest.json").exists()
+
+
+def test_qkv_fusion_is_exact(minilm, tmp_path):
+    r = tmp_path / "nofuse.yaml"
+    r.write_text("name: nofuse\nsteps:\n  - method: int8\n    smoothquant: false\n    fuse_qkv: false\n")
+    a = lathe.load(lathe.compress_checkpoint(minilm, "int8-dynamic", tmp_path / "a"))
+    b = lathe.load(lathe.compress_checkpoint(minilm, r, tmp_path / "b"))
+    assert hasattr(a.encoder.layer[0].attention.self, "qkv")
+    assert not hasattr(b.encoder.layer[0].attention.self, "qkv")
+    batch = Tokenizer(minilm)(eval_sentences()[:4])
+    with torch.inference_mode():
+        assert torch.equal(a(**batch), b(**batch))

@@ -49,9 +49,31 @@ class SelfAttention(nn.Module):
         def heads(t):
             return t.view(B, S, -1, self.head_dim).transpose(1, 2)
 
-        o = torch.ops.lathe.attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-                                      key_padding_mask, False, 1.0 / math.sqrt(self.head_dim))
+        if hasattr(self, "qkv"):  # one GEMM instead of three (see fuse_qkv)
+            q, k, v = self.qkv(x).split(self.num_heads * self.head_dim, dim=-1)
+        else:
+            q, k, v = self.query(x), self.key(x), self.value(x)
+        o = torch.ops.lathe.attention(heads(q), heads(k), heads(v), key_padding_mask, False,
+                                      1.0 / math.sqrt(self.head_dim))
         return o.transpose(1, 2).reshape(B, S, -1)
+
+    def fuse_qkv(self):
+        """Replace query/key/value by one module of concatenated output channels. Exact for
+        nn.Linear and for lathe's per-channel quantized linears that share the input's
+        quantization (same SmoothQuant vector): rows are quantized independently."""
+        parts = [self.query, self.key, self.value]
+        self.qkv = type(parts[0]).concat(parts) if hasattr(type(parts[0]), "concat") else _concat_linear(parts)
+        del self.query, self.key, self.value
+
+
+def _concat_linear(parts):
+    lin = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
+                    bias=parts[0].bias is not None, device=parts[0].weight.device)
+    with torch.no_grad():
+        lin.weight.copy_(torch.cat([p.weight for p in parts])) if lin.weight.device.type != "meta" else None
+        if lin.bias is not None and lin.bias.device.type != "meta":
+            lin.bias.copy_(torch.cat([p.bias for p in parts]))
+    return lin
 
 
 class SelfOutput(nn.Module):
@@ -133,6 +155,13 @@ class BertEncoder(nn.Module):
         for layer in self.encoder.layer:
             x = layer(x, key_padding_mask)
         return x
+
+    def transform(self, name: str):
+        """Structural rewrites a compressed checkpoint records and load replays on the meta model."""
+        if name != "fuse_qkv":
+            raise BadInput(f"unknown model transform {name!r}")
+        for layer in self.encoder.layer:
+            layer.attention.self.fuse_qkv()
 
     def linear_groups(self):
         """For compress: (name of a module that takes x, [names of the Linears reading x])."""
