@@ -114,7 +114,7 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
         "model_type": src.model_type,
         "recipe": recipe,
         "source": {"path": str(src.path), "sha256": source_hash(src)},
-        "transforms": [t for r in (report or {}).get("steps", []) for t in r.get("transforms", [])],
+        "transforms": list(getattr(model, "applied_transforms", [])),
         "modules": describe_modules(model),
         "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
                     for k, v in sd.items()},

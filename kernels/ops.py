@@ -38,7 +38,7 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         return y.to(x.dtype)
     if backend == "triton" and not asym:
         from lathe.kernels.gpu import triton_linear_w8a8
-        return triton_linear_w8a8(x if smooth is None else x * smooth, w_q, w_scale, bias, act)
+        return triton_linear_w8a8(x, w_q, w_scale, bias, act, smooth)
     return reference.linear_w8a8(x, w_q, w_scale, bias, act, smooth, asym).to(x.dtype)
 
 

@@ -146,6 +146,7 @@ class BertEncoder(nn.Module):
         self.config = dict(config)
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
+        self.applied_transforms: list[str] = []  # recorded in the manifest, replayed by load
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         if token_type_ids is None:
@@ -162,6 +163,7 @@ class BertEncoder(nn.Module):
             raise BadInput(f"unknown model transform {name!r}")
         for layer in self.encoder.layer:
             layer.attention.self.fuse_qkv()
+        self.applied_transforms.append(name)
 
     def linear_groups(self):
         """For compress: (name of a module that takes x, [names of the Linears reading x])."""

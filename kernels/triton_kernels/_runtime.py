@@ -1,0 +1,51 @@
+"""What every kernel wrapper here shares: the guarded triton import, interpreter detection and
+the device check. Imports only torch, and never touches CUDA at import time."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MISSING_TRITON = ("lathe's Triton kernels need the `triton` package "
+                  "(pip install 'lathe[triton]', or triton>=3.0)")
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: kernels then run on CPU tensors through numpy (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def import_triton():
+    """(triton, triton.language), or an ImportError that says what to install."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as e:
+        raise ImportError(MISSING_TRITON) from e
+    return triton, tl
+
+
+def check_device(*tensors) -> torch.device:
+    """All tensors on one device, and one a Triton kernel can run on here."""
+    ts = [t for t in tensors if t is not None]
+    dev = ts[0].device
+    for t in ts[1:]:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device: got {dev} and {t.device}")
+    if dev.type == "cuda" or (dev.type == "cpu" and interpreting()):
+        return dev
+    raise RuntimeError(f"lathe's Triton kernels need CUDA tensors, got {dev.type} "
+                       "(set TRITON_INTERPRET=1 to run them on the CPU, slowly, for tests)")
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (a small stand-in under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def bucket(n: int) -> int:
+    """Autotune key for a size: the next power of two, so tuning runs once per size class
+    rather than once per sequence length."""
+    return 1 << max(0, int(n) - 1).bit_length()

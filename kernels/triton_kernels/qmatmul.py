@@ -1,0 +1,492 @@
+"""Quantized matmuls in Triton: y = x @ W^T for the lathe weight formats.
+
+Entry points (x may have leading dims [..., K]; weights are nn.Linear order [N, K]):
+  quantize_per_token_int8(x, smooth)   float x -> int8 q, fp32 scale per row (dynamic, symmetric)
+  w8a8_linear(x, w_q, w_scale, ...)    int8 x int8 -> int32 accumulation, per-token x
+                                       per-channel scales, optional bias and gelu/silu epilogue
+  fp8_linear(x, w, x_scale, w_scale)   float8_e4m3fn x float8_e4m3fn -> fp32 accumulation,
+                                       per-tensor or per-row/per-channel scales (sm_89+)
+  w4a16_linear(x, qweight, scales, zeros, group_size)   lathe int4 weights (packing.py),
+                                       dequantized in registers, fp32 accumulation
+  w8a16_linear(x, qweight, scales, group_size)          int8 weights, per-group or per-channel
+Semantics follow lathe.kernels.reference (quantize_rows_s8, linear_w8a8, linear_w4a16): the int4
+weight tile is (code - zero) * scale rounded to the scales' dtype, then to x's dtype for the dot.
+
+Roofline on H100 SXM (989 TFLOP/s fp16/bf16 dense, 1979 TOP/s int8/fp8 dense, 3.35 TB/s HBM3):
+  FLOPs = 2 * M * N * K for all of them.
+  W4A16 bytes = N*K/2 (codes) + N*(K/g)*(s + 1) (scales of s bytes, zeros) + 2*M*K + 2*M*N.
+    At M = 1 that is 4 FLOP/byte: memory-bound until M ~ 295/4 ~ 70 (fp16 ridge 295 FLOP/byte).
+    4096x4096, g=128, fp16 scales: 8.4 MB + 0.4 MB -> 2.6 us at 3.35 TB/s, against 33.5 MB /
+    10 us for the fp16 weight: the ideal decode speed-up is ~3.8x (W8A16: ~2x).
+  W8A8 bytes = M*K + N*K + 4*M (scales) + 4*N + o*M*N (o output bytes). For M << N, K the
+    intensity is ~2M FLOP/byte against an int8 ridge of 1979/3.35 ~ 590: memory-bound below
+    M ~ 300, and above it int8 tensor cores give up to 2x the fp16 rate (4096x4096, M=4096:
+    137 GOP -> 70 us at peak). The dynamic quantization of x adds a pass over x
+    (2*M*K read + M*K written for fp16 x).
+  FP8 W8A8: the same bytes as int8, 1979 TFLOP/s dense on sm_90 (sm_89 has fp8 tensor cores too).
+Small M (decode) uses split-K for the weight-only kernels: with M <= 16 there are only N/BLOCK_N
+output tiles, too few programs to pull full bandwidth from 132 SMs, so K is cut into SPLIT_K
+slices whose fp32 partial sums are atomically added (run-to-run bit differences are possible).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._runtime import MISSING_TRITON, bucket, check_device, interpreting
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as e:  # the package's lazy wrappers only import this module when called
+    raise ImportError(MISSING_TRITON) from e
+
+_ACTS = {"none": 0, "gelu": 1, "silu": 2}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# Weight-only matmuls with at most this many rows take the split-K (decode) configs.
+SMALL_M = 16
+
+
+def _dot_precision(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # exact fp32 for the interpreter tests
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _cfg(bm, bn, bk, warps, stages, split_k=None):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    if split_k is not None:
+        kw["SPLIT_K"] = split_k
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+def _mm_configs():
+    if interpreting():  # one config: no benchmarking per test case
+        return [_cfg(16, 32, 32, 4, 1)]
+    return [_cfg(*c) for c in [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                               (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4),
+                               (32, 64, 128, 4, 4)]]
+
+
+def _wo_small_configs():
+    if interpreting():
+        return [_cfg(16, 32, 32, 4, 1, split_k=2)]  # exercises the atomic split-K path
+    return [_cfg(*c) for c in [(16, 32, 128, 4, 4, 1), (16, 64, 128, 4, 4, 1), (16, 32, 128, 4, 4, 2),
+                               (16, 64, 128, 4, 4, 2), (16, 64, 128, 4, 4, 4), (16, 128, 128, 4, 3, 4),
+                               (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8)]]
+
+
+def _wo_large_configs():
+    if interpreting():
+        return [_cfg(16, 32, 32, 4, 1, split_k=1)]
+    return [_cfg(*c) for c in [(32, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 1), (64, 128, 64, 4, 4, 1),
+                               (128, 128, 64, 8, 3, 1), (128, 64, 64, 4, 4, 1), (128, 256, 64, 8, 3, 1)]]
+
+
+def _prune_group(configs, named_args, **kwargs):
+    """A K block must lie inside one quantization group (one scale per column per block):
+    clamp BLOCK_K to the group size, dropping the duplicates that makes."""
+    g = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
+    out, seen = [], set()
+    for c in configs:
+        kw = dict(c.kwargs)
+        while g % kw["BLOCK_K"]:
+            kw["BLOCK_K"] //= 2
+        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _round_half_even(v):
+    """rint() for |v| < 2^23 from floor (libdevice's rint does not run in the interpreter)."""
+    f = tl.math.floor(v)
+    d = v - f  # exact
+    half = f * 0.5
+    odd = tl.math.floor(half) != half
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row-tiles share each column sweep, so W tiles stay in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, offs_n, n_ok, Bias, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    if HAS_BIAS:
+        acc = acc + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:  # exact (erf) GELU, as torch.nn.functional.gelu
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    if ACT == 2:  # SiLU
+        acc = acc / (1.0 + tl.math.exp(-acc))
+    return acc
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _quant_rows_s8_kernel(X, Smooth, Q, S, K, stride_xm, stride_qm,
+                          HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (M,): s = amax(|x * smooth|) / 127 (1 for an all-zero row), q = rint(x / s)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_xm
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    m = tl.max(amax, 0)
+    # IEEE division (div_rn) so the codes match torch's x / s bit for bit.
+    scale = tl.where(m > 0.0, tl.math.div_rn(m, 127.0), 1.0)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
+        r = _round_half_even(tl.math.div_rn(x, tl.broadcast_to(scale, [BLOCK_K])))
+        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        tl.store(Q + row * stride_qm + offs, r.to(tl.int8), mask=offs < K)
+    tl.store(S + row, scale)
+
+
+@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _scaled_mm_kernel(X, W, SX, SW, Bias, Y, M, N, K, M_BUCKET,
+                      stride_xm, stride_wn, stride_ym, stride_sx, stride_sw,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, IS_FP8: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    """y = (x @ w^T) * sx[m] * sw[n] (+ bias, act). int8: exact int32 accumulation; fp8 (e4m3):
+    fp32 accumulation. stride_sx/stride_sw = 0 broadcast a per-tensor scale."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_ptrs = W + offs_n.to(tl.int64)[None, :] * stride_wn  # a [BLOCK_K, BLOCK_N] view of w^T
+    if IS_FP8:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    sx = tl.load(SX + offs_m * stride_sx, mask=m_ok, other=0.0)
+    sw = tl.load(SW + offs_n * stride_sw, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]  # reference order: (acc * s_x) * s_w
+    y = _epilogue(y, offs_n, n_ok, Bias, HAS_BIAS, ACT)
+    tl.store(Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :],
+             y.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _weight_only_kernel(X, QW, S, Z, Bias, Y, M, N, K, M_BUCKET,
+                        stride_xm, stride_qn, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym,
+                        BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        GROUP_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Grid (tiles, SPLIT_K). BITS=4: QW uint8 [N, K/2], low nibble = even k, zero point Z
+    (HAS_ZERO) or 8. BITS=8: QW int8 [N, K], symmetric. stride_sg = 0 makes the scale
+    per-channel. Each BLOCK_K slab lies in one group (BLOCK_K divides GROUP_SIZE), so one
+    scale/zero per column is loaded per slab. SPLIT_K > 1: Y is an fp32 buffer, atomically
+    accumulated (zeroed by the caller)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    qw_ptrs = QW + offs_n.to(tl.int64)[None, :] * stride_qn
+    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wmask = k_ok[:, None] & n_ok[None, :]
+        if BITS == 4:
+            # Each byte is read for both of its k (the second read hits L1): simpler than an
+            # in-register interleave, same DRAM traffic.
+            byte = tl.load(qw_ptrs + (offs_k // 2)[:, None], mask=wmask, other=0).to(tl.int32)
+            code = ((byte >> ((offs_k % 2) * 4)[:, None]) & 0xF).to(tl.float32)
+        else:
+            code = tl.load(qw_ptrs + offs_k[:, None], mask=wmask, other=0).to(tl.float32)
+        g = k0 // GROUP_SIZE
+        s = tl.load(S + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0)
+        if HAS_ZERO:
+            z = tl.load(Z + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0).to(tl.float32)
+            w = (code - z[None, :]) * s.to(tl.float32)[None, :]
+        elif BITS == 4:
+            w = (code - 8.0) * s.to(tl.float32)[None, :]
+        else:
+            w = code * s.to(tl.float32)[None, :]
+        # Round like the reference (W in the scales' dtype), then to x's dtype for the MMA.
+        w = w.to(S.dtype.element_ty).to(X.dtype.element_ty)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc = acc + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+_wo_small = triton.autotune(configs=_wo_small_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+                            prune_configs_by={"early_config_prune": _prune_group},
+                            reset_to_zero=["Y"])(_weight_only_kernel)
+_wo_large = triton.autotune(configs=_wo_large_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+                            prune_configs_by={"early_config_prune": _prune_group})(_weight_only_kernel)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _mm_grid(M, N):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def _act_code(act: str) -> int:
+    if act not in _ACTS:
+        raise ValueError(f"unknown activation {act!r}: expected none, gelu or silu")
+    return _ACTS[act]
+
+
+def _scale_arg(scale: torch.Tensor, n: int, what: str):
+    """fp32 scale vector and its stride: one value (stride 0, per-tensor) or n values."""
+    s = scale.to(torch.float32).reshape(-1).contiguous()
+    if s.numel() == 1:
+        return s, 0
+    if s.numel() != n:
+        raise ValueError(f"{what} must hold 1 or {n} values, got {scale.numel()}")
+    return s, 1
+
+
+def quantize_per_token_int8(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
+    """Dynamic symmetric int8 per row of x [..., K] (as reference.quantize_rows_s8, on x * smooth
+    if given): returns q int8 [..., K] and scale fp32 [...] (1 for an all-zero row)."""
+    check_device(x, smooth)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
+    K = x.shape[-1]
+    x2 = _rows(x)
+    M = x2.shape[0]
+    q = torch.empty(M, K, device=x.device, dtype=torch.int8)
+    s = torch.empty(M, device=x.device, dtype=torch.float32)
+    if M and K:
+        sm = smooth.contiguous() if smooth is not None else x2
+        block = min(triton.next_power_of_2(K), 256 if interpreting() else 4096)
+        _quant_rows_s8_kernel[(M,)](x2, sm, q, s, K, x2.stride(0), q.stride(0),
+                                    HAS_SMOOTH=smooth is not None, BLOCK_K=block,
+                                    num_warps=4 if block <= 1024 else 8)
+    elif M:
+        s.fill_(1.0)
+    return q.reshape(*x.shape), s.reshape(x.shape[:-1])
+
+
+def _scaled_mm(x2, w, sx, ssx, sw, ssw, bias, act, out_dtype, is_fp8):
+    M, K = x2.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, device=x2.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:  # empty reduction: only bias and activation remain
+        from lathe.kernels.reference import apply_act
+        b = bias.float() if bias is not None else torch.zeros(N, device=x2.device)
+        return y.copy_(apply_act(b.expand(M, N), act))
+    _scaled_mm_kernel[_mm_grid(M, N)](
+        x2, w, sx, sw, bias if bias is not None else sx, y, M, N, K, bucket(M),
+        x2.stride(0), w.stride(0), y.stride(0), ssx, ssw,
+        HAS_BIAS=bias is not None, ACT=_act_code(act), IS_FP8=is_fp8)
+    return y
+
+
+def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, act: str = "none",
+                x_scale: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                smooth: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W8A8 int8 linear: y = (q_x @ w_q^T) * s_x * s_w + bias, then act.
+
+    x: float [..., K] (quantized per token here, as reference.linear_w8a8, after * smooth), or
+    int8 [..., K] with x_scale fp32 [...] / [..., 1]. w_q int8 [N, K], w_scale fp32 [N].
+    Output dtype: out_dtype, else x's float dtype, else fp16 for an int8 x.
+    """
+    check_device(x, w_q, w_scale, bias, x_scale, smooth)
+    if w_q.dtype != torch.int8 or w_q.dim() != 2 or w_q.shape[1] != x.shape[-1]:
+        raise ValueError(f"w_q must be int8 [N, K={x.shape[-1]}], got {w_q.dtype} {tuple(w_q.shape)}")
+    lead = x.shape[:-1]
+    if x.dtype == torch.int8:
+        if x_scale is None:
+            raise ValueError("an int8 x needs its per-token x_scale")
+        if smooth is not None:
+            raise ValueError("smooth applies before quantization: pass a float x")
+        q, sx = _rows(x), x_scale
+        out_dtype = out_dtype or torch.float16
+    else:
+        q, sx = quantize_per_token_int8(x, smooth)
+        q = q.reshape(-1, x.shape[-1])
+        out_dtype = out_dtype or x.dtype
+    M, N = q.shape[0], w_q.shape[0]
+    sx, ssx = _scale_arg(sx, M, "x_scale")
+    sw, ssw = _scale_arg(w_scale, N, "w_scale")
+    w = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
+    y = _scaled_mm(q, w, sx, ssx, sw, ssw, bias, act, out_dtype, is_fp8=False)
+    return y.reshape(*lead, N)
+
+
+def _require_fp8(device: torch.device):
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            raise RuntimeError(f"FP8 (e4m3) matmul needs an sm_89+ GPU (Ada/Hopper); this one is "
+                               f"sm_{cap[0]}{cap[1]}: use w8a8_linear (int8) instead")
+
+
+def quantize_fp8(x: torch.Tensor, per_row: bool = True):
+    """float x [..., K] -> (float8_e4m3fn [..., K], fp32 scale [...] per row or [] per tensor),
+    scale = amax / 448 (1 for zeros). Plain PyTorch: a convenience for callers and tests."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1) if per_row else xf.abs().amax()
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    s = scale[..., None] if per_row else scale
+    q = (xf / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+               bias: Optional[torch.Tensor] = None, act: str = "none",
+               out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """FP8 W8A8: y = (x @ w^T in fp32) * x_scale * w_scale + bias, then act.
+
+    x float8_e4m3fn [..., K], w float8_e4m3fn [N, K]; x_scale one value (per tensor) or [M]
+    (per row), w_scale one value or [N] (per channel). Needs sm_89+ on a GPU.
+    """
+    check_device(x, w, x_scale, w_scale, bias)
+    _require_fp8(x.device)
+    fp8 = torch.float8_e4m3fn
+    if x.dtype != fp8 or w.dtype != fp8:
+        raise TypeError(f"x and w must be torch.float8_e4m3fn, got {x.dtype}, {w.dtype}")
+    if w.dim() != 2 or w.shape[1] != x.shape[-1]:
+        raise ValueError(f"w must be [N, K={x.shape[-1]}], got {tuple(w.shape)}")
+    lead = x.shape[:-1]
+    x2 = _rows(x)
+    M, N = x2.shape[0], w.shape[0]
+    sx, ssx = _scale_arg(x_scale, M, "x_scale")
+    sw, ssw = _scale_arg(w_scale, N, "w_scale")
+    wc = w if w.stride(-1) == 1 else w.contiguous()
+    y = _scaled_mm(x2, wc, sx, ssx, sw, ssw, bias, act, out_dtype, is_fp8=True)
+    return y.reshape(*lead, N)
+
+
+def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel):
+    check_device(x, qweight, scales, zeros, bias)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
+    if scales.dtype not in _FLOATS:
+        raise TypeError(f"scales must be fp16/bf16/fp32, got {scales.dtype}")
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    lead = x.shape[:-1]
+    x2 = _rows(x)
+    M = x2.shape[0]
+    y_dtype = x.dtype
+    if M == 0 or N == 0:
+        return torch.empty(*lead, N, device=x.device, dtype=y_dtype)
+    qw = qweight.contiguous()
+    sc = scales.contiguous()
+    zs = zeros.contiguous() if zeros is not None else sc
+    stride_sg = 0 if per_channel else sc.stride(1)
+    # Per-channel: any BLOCK_K works (the scale does not change along K); 128 keeps all configs.
+    gs = 128 if per_channel else group_size
+    small = M <= SMALL_M
+    kernel = _wo_small if small else _wo_large
+    # Split-K accumulates fp32 partial sums atomically into a zeroed buffer.
+    y = (torch.zeros(M, N, device=x.device, dtype=torch.float32) if small
+         else torch.empty(M, N, device=x.device, dtype=y_dtype))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    kernel[grid](x2, qw, sc, zs, bias if bias is not None else sc, y, M, N, K, bucket(M),
+                 x2.stride(0), qw.stride(0), sc.stride(0), stride_sg, zs.stride(0),
+                 zs.stride(1) if zeros is not None else 0, y.stride(0),
+                 BITS=bits, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None,
+                 GROUP_SIZE=gs, DOT_PREC=_dot_precision(x.dtype))
+    return y.to(y_dtype).reshape(*lead, N)
+
+
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: Optional[torch.Tensor], group_size: int = 128,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weight-only int4 linear in the lathe format (see packing.py): y = x @ W^T + bias, fp32
+    accumulation, returned in x's dtype. qweight uint8 [N, K/2], scales [N, K/g], zeros uint8
+    [N, K/g] or None (symmetric, zero 8). K % group_size == 0, group_size a multiple of 16."""
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    if qweight.dtype != torch.uint8 or qweight.shape != (N, K // 2) or K % 2:
+        raise ValueError(f"qweight must be uint8 [N, K/2={K // 2}], got {qweight.dtype} {tuple(qweight.shape)}")
+    if group_size <= 0 or group_size % 16 or K % group_size:
+        raise ValueError(f"group_size {group_size} must be a multiple of 16 dividing K={K}")
+    G = K // group_size
+    if scales.shape != (N, G) or (zeros is not None and zeros.shape != (N, G)):
+        raise ValueError(f"scales/zeros must be [N={N}, K/g={G}]")
+    if zeros is not None and zeros.dtype != torch.uint8:
+        raise TypeError(f"zeros must be uint8 codes, got {zeros.dtype}")
+    return _weight_only(x, qweight, scales, zeros, group_size, bias, bits=4, per_channel=False)
+
+
+def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 group_size: Optional[int] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weight-only int8 linear: W[n, k] = qweight[n, k] * scales[n, k // g] (symmetric).
+
+    qweight int8 [N, K]; scales [N, 1] (per channel, group_size None) or [N, K/g]."""
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    if qweight.dtype != torch.int8 or qweight.shape != (N, K):
+        raise ValueError(f"qweight must be int8 [N, K={K}], got {qweight.dtype} {tuple(qweight.shape)}")
+    per_channel = scales.dim() == 1 or scales.shape[-1] == 1
+    if per_channel:
+        sc = scales.reshape(N, 1)
+    else:
+        if group_size is None:
+            group_size = K // scales.shape[1]
+        if group_size <= 0 or group_size % 16 or K % group_size or scales.shape != (N, K // group_size):
+            raise ValueError(f"scales [N, K/g] need a group_size that is a multiple of 16 "
+                             f"dividing K={K}; got scales {tuple(scales.shape)}, g={group_size}")
+        sc = scales
+    return _weight_only(x, qweight, sc, None, group_size or K, bias, bits=8, per_channel=per_channel)
