@@ -16,11 +16,6 @@ def _C():
     return _ext.require_cpu()
 
 
-def _need(cond: bool, msg: str):
-    if not cond:
-        raise ValueError(msg)
-
-
 def best_isa() -> str:
     C = _C()
     return C.isa_name(C.best_isa())
@@ -47,9 +42,12 @@ def force_isa(name: str):
 
 def int8_pack(w_q: torch.Tensor):
     """int8 [N, K] -> (packed int8 [bytes], colsum int32 [N padded to 16]) in the VNNI layout."""
-    _need(w_q.dtype == torch.int8, f"int8_pack: weight must be int8, got {w_q.dtype}")
-    _need(w_q.dim() == 2, f"int8_pack: weight must be 2-D [N, K], got shape {tuple(w_q.shape)}")
-    _need(w_q.device.type == "cpu", f"int8_pack: weight must be on the CPU, got {w_q.device}")
+    if not (w_q.dtype == torch.int8):
+        raise ValueError(f"int8_pack: weight must be int8, got {w_q.dtype}")
+    if not (w_q.dim() == 2):
+        raise ValueError(f"int8_pack: weight must be 2-D [N, K], got shape {tuple(w_q.shape)}")
+    if not (w_q.device.type == "cpu"):
+        raise ValueError(f"int8_pack: weight must be on the CPU, got {w_q.device}")
     w_q = w_q.contiguous()
     N, K = w_q.shape
     C = _C()
@@ -63,25 +61,28 @@ def int8_linear(x, packed, colsum, w_scale, bias, N: int, act: str = "none", smo
                 asym: bool = False):
     """x fp32 [..., K] -> fp32 [..., N] through the W8A8 kernel (per-token dynamic quant of
     x * smooth, where smooth is SmoothQuant's inverse scale [K] or None)."""
-    _need(x.dtype == torch.float32, f"int8_linear: x must be float32, got {x.dtype}")
-    _need(x.device.type == "cpu", f"int8_linear: x must be on the CPU, got {x.device}")
-    _need(act in ACTS, f"int8_linear: unknown act {act!r}: expected one of {sorted(ACTS)}")
+    if not (x.dtype == torch.float32):
+        raise ValueError(f"int8_linear: x must be float32, got {x.dtype}")
+    if not (x.device.type == "cpu"):
+        raise ValueError(f"int8_linear: x must be on the CPU, got {x.device}")
+    if not (act in ACTS):
+        raise ValueError(f"int8_linear: unknown act {act!r}: expected one of {sorted(ACTS)}")
     K = x.shape[-1]
     C = _C()
-    _need(packed.dtype == torch.int8 and packed.numel() == C.int8_packed_bytes(N, K),
-          f"int8_linear: packed weight holds {packed.numel()} bytes, expected "
-          f"{C.int8_packed_bytes(N, K)} for N={N}, K={K}")
-    _need(colsum.dtype == torch.int32 and colsum.numel() == C.int8_packed_cols(N),
-          "int8_linear: colsum does not match the packed weight")
-    _need(w_scale.dtype == torch.float32 and w_scale.numel() == N and w_scale.is_contiguous(),
-          f"int8_linear: w_scale must be contiguous float32 [{N}], got {w_scale.dtype} "
-          f"{tuple(w_scale.shape)}")
+    if not (packed.dtype == torch.int8 and packed.numel() == C.int8_packed_bytes(N, K)):
+        raise ValueError(f"int8_linear: packed weight holds {packed.numel()} bytes, expected "
+                         f"{C.int8_packed_bytes(N, K)} for N={N}, K={K}")
+    if not (colsum.dtype == torch.int32 and colsum.numel() == C.int8_packed_cols(N)):
+        raise ValueError("int8_linear: colsum does not match the packed weight")
+    if not (w_scale.dtype == torch.float32 and w_scale.numel() == N and w_scale.is_contiguous()):
+        raise ValueError(f"int8_linear: w_scale must be contiguous float32 [{N}], got {w_scale.dtype} "
+                         f"{tuple(w_scale.shape)}")
     if bias is not None:
-        _need(bias.dtype == torch.float32 and bias.numel() == N and bias.is_contiguous(),
-              f"int8_linear: bias must be contiguous float32 [{N}]")
+        if not (bias.dtype == torch.float32 and bias.numel() == N and bias.is_contiguous()):
+            raise ValueError(f"int8_linear: bias must be contiguous float32 [{N}]")
     if smooth is not None:
-        _need(smooth.dtype == torch.float32 and smooth.numel() == K and smooth.is_contiguous(),
-              f"int8_linear: smooth must be contiguous float32 [{K}]")
+        if not (smooth.dtype == torch.float32 and smooth.numel() == K and smooth.is_contiguous()):
+            raise ValueError(f"int8_linear: smooth must be contiguous float32 [{K}]")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -89,7 +90,8 @@ def int8_linear(x, packed, colsum, w_scale, bias, N: int, act: str = "none", smo
     M = x2.shape[0]
     out = torch.empty(M, N, dtype=torch.float32)
     if M:
-        C.int8_linear(x2.data_ptr(), 0 if smooth is None else smooth.data_ptr(), M, K, x2.stride(0), packed.data_ptr(), colsum.data_ptr(),
+        C.int8_linear(x2.data_ptr(), 0 if smooth is None else smooth.data_ptr(), M, K, x2.stride(0),
+                      packed.data_ptr(), colsum.data_ptr(),
                       w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), N,
                       out.data_ptr(), N, ACTS[act], int(asym), torch.get_num_threads())
     return out.reshape(*lead, N)
@@ -98,7 +100,8 @@ def int8_linear(x, packed, colsum, w_scale, bias, N: int, act: str = "none", smo
 def quantize_rows_u8(x: torch.Tensor, asym: bool):
     """The kernel's own per-token quantization (for tests): u8 codes [M, K], scale [M, 1],
     zero point [M, 1]."""
-    _need(x.dtype == torch.float32 and x.dim() == 2, "quantize_rows_u8: x must be float32 [M, K]")
+    if not (x.dtype == torch.float32 and x.dim() == 2):
+        raise ValueError("quantize_rows_u8: x must be float32 [M, K]")
     x = x.contiguous()
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.uint8)

@@ -49,13 +49,24 @@ def _override(op: str) -> str | None:
     return os.environ.get(f"LATHE_BACKEND_{op.upper()}") or os.environ.get("LATHE_BACKEND")
 
 
+_cache: dict = {}
+
+
 def backend_for(op: str, device) -> str:
     """The implementation that `torch.ops.lathe.<op>` uses for tensors on `device`."""
+    dev = getattr(device, "type", None) or str(device).split(":")[0]
+    forced = _override(op)
+    key = (op, dev, forced)
+    hit = _cache.get(key)  # on the hot path: every lathe op call asks
+    if hit is None:
+        hit = _cache[key] = _choose(op, dev, forced)
+    return hit
+
+
+def _choose(op: str, dev: str, forced: str | None) -> str:
     if op not in CANDIDATES:
         raise ValueError(f"unknown lathe op {op!r}: expected one of {sorted(CANDIDATES)}")
-    dev = getattr(device, "type", str(device)).split(":")[0]
     candidates = CANDIDATES[op].get(dev, ("reference",))
-    forced = _override(op)
     if forced:
         if forced not in candidates:
             raise ValueError(

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lathe.kernels import reference
+from lathe.kernels import cpu, reference
 from lathe.kernels.dispatch import backend_for
 
 # ----------------------------------------------------------------------------- linear_w8a8
@@ -31,11 +31,11 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     backend = backend_for("linear_w8a8", x.device)
     N = w_q.shape[0]
     if backend == "cpu":
-        from lathe.kernels import cpu
         if w_packed is None or colsum is None:
             w_packed, colsum = cpu.int8_pack(w_q)
-        y = cpu.int8_linear(x.float(), w_packed, colsum, w_scale, bias, N, act, smooth, asym)
-        return y.to(x.dtype)
+        if x.dtype == torch.float32:
+            return cpu.int8_linear(x, w_packed, colsum, w_scale, bias, N, act, smooth, asym)
+        return cpu.int8_linear(x.float(), w_packed, colsum, w_scale, bias, N, act, smooth, asym).to(x.dtype)
     if backend == "triton" and not asym:
         from lathe.kernels.gpu import triton_linear_w8a8
         return triton_linear_w8a8(x, w_q, w_scale, bias, act, smooth)

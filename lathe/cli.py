@@ -14,7 +14,8 @@ EXAMPLES = {
     "export": "example:\n  lathe export ./minilm-int8 --to onnx -o minilm-int8.onnx\n"
               "  lathe export ./model --to onnx --opset 18 --no-validate -o model.onnx",
     "bench": "example:\n  lathe bench ./minilm-int8 --batch 1,8 --seq 128 --json out.json\n"
-             "  lathe bench compare before.json after.json --threshold 0.1",
+             "  lathe bench compare before.json after.json --threshold 0.1\n"
+             "  lathe bench kernels --json bench/results/kernels-cpu.json",
     "demo": "example:\n  lathe demo -o lathe-demo-out",
 }
 
@@ -56,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency and quality, many backends side by side",
                        epilog=EXAMPLES["bench"], formatter_class=fmt)
-    b.add_argument("target", help="model directory, lathe compressed directory, or `compare`")
+    b.add_argument("target", help="model directory, lathe compressed directory, `compare` or `kernels`")
     b.add_argument("rest", nargs="*", help="with `compare`: A.json B.json")
     b.add_argument("--backend", default=None,
                    help="comma-separated: torch,compile,lathe,onnxruntime,ort-int8,lathe-onnx")
@@ -138,6 +139,14 @@ def _demo(a):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "kernels"]:  # its own options: lathe bench kernels --help
+        from lathe.bench.kernels import main as kernels_main
+        try:
+            return kernels_main(argv[2:])
+        except LatheError as e:
+            print(f"lathe: error: {e}", file=sys.stderr)
+            return e.exit_code
     parser = _parser()
     a = parser.parse_args(argv)
     if a.version:

@@ -1,0 +1,134 @@
+"""`lathe bench kernels`: lathe's CPU kernels against their anchors, measured in the same run.
+
+int8 GEMM: lathe's W8A8 linear (per-token activation quantization included) against the
+faster of onnxruntime MatMulInteger (u8 x s8, MLAS; activations already quantized) and
+torch._int_mm (int8 x int8; activations already quantized). Records: op, backend, M, K, N,
+median_ms, gops (int ops counted as 2 per MAC), and, for lathe, the ratio to the best anchor
+and the fraction of the machine's measured int8 peak.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+INT8_SHAPES = [(m, k, n) for m in (1, 16, 128, 1024)
+               for k, n in ((384, 1536), (1536, 384), (4096, 4096), (4096, 11008))]
+
+
+def median_ms(fn, min_runs: int = 10, min_seconds: float = 0.3) -> float:
+    from lathe.bench.stats import percentile, time_fn
+
+    return percentile(sorted(time_fn(fn, warmup=2, min_runs=min_runs, min_seconds=min_seconds)), 50)
+
+
+def _ort_matmul_integer(M, K, N, w_q):
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("A", TensorProto.UINT8, [M, K])
+    b = helper.make_tensor("B", TensorProto.INT8, [K, N], w_q.t().contiguous().numpy().tobytes(), raw=True)
+    y = helper.make_tensor_value_info("Y", TensorProto.INT32, [M, N])
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mm", [a], [y], [b])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.randint(0, 255, (M, K), dtype=np.uint8)
+    return lambda: sess.run(None, {"A": x})
+
+
+def int8_peak_gops() -> float | None:
+    """This machine's int8 peak, from a VPDPBUSD loop with no memory traffic (if built)."""
+    from lathe import _ext
+
+    C = _ext.cpu()
+    if C is None or not hasattr(C, "vnni_peak_gops"):
+        return None
+    return max(C.vnni_peak_gops(torch.get_num_threads()) for _ in range(3))
+
+
+def bench_int8(shapes=INT8_SHAPES, min_seconds: float = 0.3, progress=None) -> list[dict]:
+    from lathe.kernels import cpu
+
+    recs = []
+    for i, (M, K, N) in enumerate(shapes):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(M, K, generator=g)
+        w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+        ws = torch.rand(N, generator=g)
+        p, c = cpu.int8_pack(w)
+        ops = 2.0 * M * K * N
+        runs = {"lathe": lambda: cpu.int8_linear(x, p, c, ws, None, N, "none", None, True),
+                "onnxruntime MatMulInteger": _ort_matmul_integer(M, K, N, w)}
+        if M > 16:  # torch._int_mm needs M > 16
+            xi = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g)
+            wt = w.t()
+            runs["torch._int_mm"] = lambda: torch._int_mm(xi, wt)
+        shape_recs = []
+        for backend, fn in runs.items():
+            ms = median_ms(fn, min_seconds=min_seconds)
+            shape_recs.append({"op": "int8_gemm", "backend": backend, "M": M, "K": K, "N": N,
+                               "median_ms": ms, "gops": ops / ms / 1e6})
+        best = min(r["median_ms"] for r in shape_recs if r["backend"] != "lathe")
+        for r in shape_recs:
+            if r["backend"] == "lathe":
+                r["ratio_vs_best_anchor"] = best / r["median_ms"]
+        recs += shape_recs
+        if progress:
+            progress(i + 1, len(shapes))
+    return recs
+
+
+def table(recs: list[dict], peak: float | None) -> str:
+    lines = [f"{'op':10} {'M':>5} {'K':>5} {'N':>6}  {'lathe GOP/s':>11}  {'best anchor':>26}  {'anchor GOP/s':>12}  {'ratio':>6}  {'% peak':>6}"]
+    by = {}
+    for r in recs:
+        by.setdefault((r["op"], r["M"], r["K"], r["N"]), []).append(r)
+    for (op, M, K, N), rs in by.items():
+        lt = next(r for r in rs if r["backend"] == "lathe")
+        an = max((r for r in rs if r["backend"] != "lathe"), key=lambda r: r["gops"])
+        pk = f"{100 * lt['gops'] / peak:5.1f}%" if peak else "   -"
+        lines.append(f"{op:10} {M:5d} {K:5d} {N:6d}  {lt['gops']:11.0f}  {an['backend']:>26}  {an['gops']:12.0f}  "
+                     f"{lt['ratio_vs_best_anchor']:5.2f}x  {pk:>6}")
+    if peak:
+        lines.append(f"int8 peak measured with a VPDPBUSD loop: {peak:.0f} GOP/s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    from lathe.bench.machine import describe
+
+    ap = argparse.ArgumentParser(prog="lathe bench kernels",
+                                 description="lathe's CPU kernels vs onnxruntime/torch in one run",
+                                 epilog="example:\n  lathe bench kernels --json bench/results/kernels-cpu.json",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--quick", action="store_true", help="small shapes only")
+    ap.add_argument("--min-seconds", type=float, default=0.3)
+    a = ap.parse_args(argv)
+    shapes = [s for s in INT8_SHAPES if not a.quick or s[1] * s[2] <= 1536 * 384]
+    t0 = time.perf_counter()
+    peak = int8_peak_gops()
+    try:
+        recs = bench_int8(shapes, a.min_seconds,
+                          progress=lambda i, n: print(f"\rint8 gemm {i}/{n}", end="", file=sys.stderr))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    print(file=sys.stderr)
+    print(table(recs, peak))
+    if a.json:
+        from pathlib import Path
+
+        from lathe.compress.checkpoint import atomic_file
+        doc = {"schema_version": 1, "kind": "kernels", "machine": describe(), "int8_peak_gops": peak,
+               "records": recs, "seconds": time.perf_counter() - t0}
+        with atomic_file(Path(a.json)) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))
+    return 0
