@@ -28,19 +28,22 @@ def quantize_rows_s8(x: torch.Tensor):
 def quantize_rows_u8(x: torch.Tensor, asym: bool):
     """Per-token u8 codes with a zero point, as lathe's CPU kernel stores them.
 
-    symmetric: s = amax / 127, zp = 128, q = clamp(round(x / s), -127, 127) + 128.
+    symmetric: s = amax / 127, zp = 128, q = clamp(round(x * (1/s)), -127, 127) + 128.
     asymmetric: range [min(x, 0), max(x, 0)], s = range / 255, zp = round(-min / s),
-    q = clamp(round(x / s) + zp, 0, 255). Returns (q float [.., K], s [.., 1], zp [.., 1]).
+    q = clamp(round(x * (1/s)) + zp, 0, 255). Returns (q float [.., K], s [.., 1], zp [.., 1]).
+    The multiply by the fp32 reciprocal (not a division) is the kernel's definition.
     """
     x = x.float()
     if not asym:
-        q, s = quantize_rows_s8(x)
-        return q.float() + 128, s, torch.full_like(s, 128.0)
+        amax = x.abs().amax(dim=-1, keepdim=True)
+        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q = torch.clamp(torch.round(x * (1.0 / s)), -127, 127) + 128
+        return q, s, torch.full_like(s, 128.0)
     lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
     hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
     s = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
     zp = torch.clamp(torch.round(-lo / s), 0, 255)
-    q = torch.clamp(torch.round(x / s) + zp, 0, 255)
+    q = torch.clamp(torch.round(x * (1.0 / s)) + zp, 0, 255)
     return q, s, zp
 
 

@@ -66,16 +66,17 @@ inline RowQ row_params_scalar(const float* x, const float* sm, int64_t K, bool a
 }
 
 // ---------------------------------------------------------------- quantization (one pass)
-// q = clamp(round_half_even(x / s) + zp, 0, 255) (symmetric: clamp to +-127 before the +128).
+// q = clamp(round_half_even(x * (1/s)) + zp, 0, 255) (symmetric: clamp to +-127 before the
+// +128). A multiply by the fp32 reciprocal, not a division: 10x cheaper in the vector unit,
+// and the PyTorch reference (lathe.kernels.reference.quantize_rows_u8) does the same.
 void quantize_row_scalar(const float* x, const float* sm, int64_t K, RowQ p, bool asym,
                          uint8_t* q) {
-  const float lo = asym ? 0.f : -127.f, hi = asym ? 255.f : 127.f;
-  const float add = asym ? static_cast<float>(p.zp) : 0.f;
-  const int post = asym ? 0 : 128;
+  const int lo = asym ? 0 : -127, hi = asym ? 255 : 127;
+  const int add = asym ? p.zp : 0, post = asym ? 0 : 128;
+  const float inv = 1.f / p.scale;
   for (int64_t k = 0; k < K; ++k) {
-    float v = std::nearbyint(smoothed(x, sm, k) / p.scale) + add;
-    v = std::min(hi, std::max(lo, v));
-    q[k] = static_cast<uint8_t>(static_cast<int>(v) + post);
+    int v = static_cast<int>(std::nearbyint(smoothed(x, sm, k) * inv)) + add;
+    q[k] = static_cast<uint8_t>(std::min(hi, std::max(lo, v)) + post);
   }
 }
 
@@ -86,17 +87,16 @@ LATHE_T512 inline __m512 load_smoothed(const float* x, const float* sm, int64_t 
 
 LATHE_T512 void quantize_row_avx512(const float* x, const float* sm, int64_t K, RowQ p,
                                      bool asym, uint8_t* q) {
-  const __m512 s = _mm512_set1_ps(p.scale);
-  const __m512 lo = _mm512_set1_ps(asym ? 0.f : -127.f), hi = _mm512_set1_ps(asym ? 255.f : 127.f);
-  const __m512 add = _mm512_set1_ps(asym ? static_cast<float>(p.zp) : 0.f);
+  const __m512 inv = _mm512_set1_ps(1.f / p.scale);
+  const __m512i lo = _mm512_set1_epi32(asym ? 0 : -127), hi = _mm512_set1_epi32(asym ? 255 : 127);
+  const __m512i add = _mm512_set1_epi32(asym ? p.zp : 0);
   const __m512i post = _mm512_set1_epi32(asym ? 0 : 128);
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 v = _mm512_div_ps(load_smoothed(x, sm, k, m), s);
-    v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), add);
-    v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-    const __m512i i = _mm512_add_epi32(_mm512_cvtps_epi32(v), post);
-    _mm512_mask_cvtepi32_storeu_epi8(q + k, m, i);
+    // cvtps rounds half to even under the default MXCSR, as std::nearbyint does
+    __m512i i = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load_smoothed(x, sm, k, m), inv)), add);
+    i = _mm512_add_epi32(_mm512_min_epi32(hi, _mm512_max_epi32(lo, i)), post);
+    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(i));
   }
 }
 
@@ -381,4 +381,36 @@ void int8_linear(const float* x, const float* smooth, int64_t M, int64_t K, int6
   }
 }
 
+}  // namespace lathe
+
+// ---------------------------------------------------------------- peak (for the benchmark)
+namespace lathe {
+namespace {
+LATHE_T512 int64_t vnni_loop(int64_t iters) {
+  // 16 independent accumulators: enough to hide VPDPBUSD's latency on every core we know.
+  __m512i acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_epi32(i);
+  const __m512i a = _mm512_set1_epi32(0x01010101), b = _mm512_set1_epi32(0x01020304);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+  }
+  __m512i s = acc[0];
+  for (int i = 1; i < 16; ++i) s = _mm512_add_epi32(s, acc[i]);
+  return _mm512_reduce_add_epi32(s);
+}
+}  // namespace
+
+double vnni_peak_gops(int nthreads) {
+  check(best_isa() == Isa::Avx512Vnni, "vnni_peak_gops: this CPU has no AVX-512 VNNI");
+  nthreads = std::max(1, nthreads);
+  const int64_t iters = 4'000'000;
+  volatile int64_t sink = 0;
+  const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(nthreads)
+  { sink += vnni_loop(iters); }
+  const double dt = omp_get_wtime() - t0;
+  // 16 instructions x 64 u8*s8 MACs x 2 ops each, per iteration, per thread
+  return 16.0 * 64 * 2 * iters * nthreads / dt / 1e9;
+}
 }  // namespace lathe
