@@ -35,13 +35,14 @@ def validate_schema(doc: dict) -> None:
 
 def table(doc: dict) -> str:
     q = doc.get("quality", {})
-    rows = [("backend", "batch", "seq", "p50 ms", "p90 ms", "cv", "speed-up", "min cos", "size MB")]
+    rows = [("backend", "batch", "seq", "p50 ms", "p90 ms", "cv", "speed-up", "min cos", "mean cos", "size MB")]
     for r in doc["results"]:
         qq = q.get(r["backend"], {})
         sp = r.get("speedup_vs_torch_fp32")
         rows.append((r["backend"], str(r["batch"]), str(r["seq"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
                      f"{r['cv'] * 100:.1f}%", f"{sp:.2f}x" if sp else "-",
-                     f"{qq['min_cos']:.4f}" if qq else "-", f"{r.get('size_bytes', 0) / 1e6:.1f}"))
+                     f"{qq['min_cos']:.4f}" if qq else "-", f"{qq['mean_cos']:.4f}" if qq else "-",
+                     f"{r.get('size_bytes', 0) / 1e6:.1f}"))
     w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -95,7 +96,10 @@ def plot(doc: dict, path: Path):
         ax1.bar(xs, ys, width, label=b)
     ax1.set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(batches))])
     ax1.set_xticklabels([f"batch {b}" for b in batches])
-    ax1.set_ylabel("p50 latency (ms), lower is better")
+    ax1.set_yscale("log")  # batch 1 and batch 8 differ by 10x: keep both readable
+    for c in ax1.containers:
+        ax1.bar_label(c, fmt="%.1f", fontsize=7, padding=2)
+    ax1.set_ylabel("p50 latency (ms, log scale), lower is better")
     ax1.set_title(f"latency by batch (seq {res[0]['seq']})")
     ax1.legend(fontsize=8)
     q = doc.get("quality", {})
@@ -105,6 +109,10 @@ def plot(doc: dict, path: Path):
         pts = [p for p in pts if p[1] is not None]
         if pts:
             ax2.scatter([p[0] for p in pts], [p[1] for p in pts], label=b, s=50)
+            for r in res:
+                if r["backend"] == b and r.get("speedup_vs_torch_fp32") and q.get(b):
+                    ax2.annotate(f"b{r['batch']}", (r["speedup_vs_torch_fp32"], q[b]["min_cos"]),
+                                 fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax2.set_xlabel("speed-up over torch fp32 (x)")
     ax2.set_ylabel("min cosine vs fp32")
     ax2.set_title("speed-up against quality")
