@@ -88,14 +88,8 @@ def describe_modules(model: nn.Module) -> dict:
     out = {}
     for name, m in model.named_modules():
         if type(m).__name__ in QUANT_MODULES:
-            out[name] = {
-                "class": type(m).__name__,
-                "args": {"in_features": m.in_features, "out_features": m.out_features,
-                         "bias": m.bias is not None, "act": m.act,
-                         "smooth": getattr(m, "smooth", None) is not None,
-                         "act_asym": m.act_asym},
-                "format": m.format.manifest(),
-            }
+            out[name] = {"class": type(m).__name__, "args": m.manifest_args(),
+                         "format": m.format.manifest()}
     return out
 
 

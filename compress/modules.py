@@ -80,6 +80,12 @@ class QLinearW8A8(nn.Module):
             self._packed = self._colsum = None
         return self
 
+    def manifest_args(self) -> dict:
+        """Constructor arguments that rebuild this module (empty) on the meta device."""
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "act": self.act, "smooth": self.smooth is not None,
+                "act_asym": self.act_asym}
+
     def forward(self, x):
         exporting = torch.compiler.is_exporting()
         return torch.ops.lathe.linear_w8a8(
