@@ -1,12 +1,33 @@
-"""Backends that run an encoder on a batch: each is prepared once (model load, session build,
-quantization) and then called with the same input dict."""
+"""Backends that run an encoder on a batch. A backend is described by a Spec (kind, path,
+label) so it can be built in this process or in a worker process (isolation), and is then
+called with the same input dict every time.
+
+kinds: torch (Hugging Face transformers, eager fp32: the anchor), compile (lathe's model under
+torch.compile/inductor), lathe (lathe.load: compressed models on lathe's kernels),
+onnxruntime (an .onnx file; CPU EP, or CUDA/TensorRT EPs where present), tensorrt (an
+.engine/.plan file, GPU only)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from lathe.errors import BadInput
+
+KINDS = ("torch", "compile", "lathe", "onnxruntime", "tensorrt")
+
+
+@dataclass
+class Spec:
+    kind: str
+    path: str
+    label: str
+    device: str = "cpu"
+
+    def to_dict(self):
+        return asdict(self)
 
 
 @dataclass
@@ -14,67 +35,70 @@ class Backend:
     name: str
     run: Callable[[dict], torch.Tensor]  # input dict -> last_hidden_state [B, S, H] (fp32)
     size_bytes: int = 0
+    device: str = "cpu"
     notes: dict = field(default_factory=dict)
 
 
-def _dir_size(p) -> int:
+def size_on_disk(p) -> int:
     p = Path(p)
     if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*.safetensors")) + sum(f.stat().st_size for f in p.rglob("*.onnx*"))
+        return p.stat().st_size + sum(f.stat().st_size for f in p.parent.glob(p.name + ".data"))
+    return sum(f.stat().st_size for f in p.glob("*.safetensors"))
 
 
-def torch_eager(model_dir) -> Backend:
-    """The anchor: Hugging Face transformers' own model, fp32, eager."""
-    from transformers import BertModel
-
-    m = BertModel.from_pretrained(str(model_dir)).eval()
-
-    def run(b):
-        with torch.inference_mode():
-            return m(**b).last_hidden_state
-    return Backend("torch fp32", run, _dir_size(model_dir))
+def _to(b: dict, device: str) -> dict:
+    return b if device == "cpu" else {k: v.to(device) for k, v in b.items()}
 
 
-def torch_compile(model_dir) -> Backend:
-    import lathe
+def make(spec: Spec) -> Backend:
+    if spec.kind not in KINDS:
+        raise BadInput(f"unknown backend kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
+    dev = spec.device
+    if spec.kind == "torch":
+        from transformers import BertModel
 
-    m = torch.compile(lathe.load(model_dir))
+        m = BertModel.from_pretrained(spec.path).eval().to(dev)
 
-    def run(b):
-        with torch.inference_mode():
-            return m(**b)
-    return Backend("torch.compile fp32", run, _dir_size(model_dir))
+        def run(b):
+            with torch.inference_mode():
+                return m(**_to(b, dev)).last_hidden_state.float().cpu()
+    elif spec.kind in ("lathe", "compile"):
+        import lathe
 
+        m = lathe.load(spec.path, dev)
+        if spec.kind == "compile":
+            m = torch.compile(m)
 
-def lathe_model(path, label: str | None = None) -> Backend:
-    import lathe
+        def run(b):
+            with torch.inference_mode():
+                return m(**_to(b, dev)).float().cpu()
+    elif spec.kind == "onnxruntime":
+        from lathe.export.validate import ort_session
 
-    m = lathe.load(path)
+        sess = ort_session(spec.path)
+        names = {i.name for i in sess.get_inputs()}
 
-    def run(b):
-        with torch.inference_mode():
-            return m(**b)
-    return Backend(label or f"lathe {Path(path).name}", run, _dir_size(path))
+        def run(b):
+            return torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in b.items() if k in names})[0])
+    else:
+        from lathe.export.tensorrt import TrtRunner
 
+        r = TrtRunner(spec.path)
 
-def onnxruntime(onnx_path, label: str) -> Backend:
-    from lathe.export.validate import ort_session
-
-    sess = ort_session(onnx_path)
-    names = {i.name for i in sess.get_inputs()}
-
-    def run(b):
-        return torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in b.items() if k in names})[0])
-    return Backend(label, run, _dir_size(onnx_path))
+        def run(b):
+            return r(**_to(b, "cuda"))[0].float().cpu()
+    return Backend(spec.label, run, size_on_disk(spec.path), dev)
 
 
 def ort_quantize_dynamic(fp32_onnx, out_path) -> Path:
     """The anchor for int8 on CPU: onnxruntime's own quantize_dynamic (per-tensor u8/s8)."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from lathe.compress.checkpoint import atomic_file
 
+    logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" warning
     with atomic_file(Path(out_path)) as tmp:
         quantize_dynamic(str(fp32_onnx), str(tmp), weight_type=QuantType.QInt8)
     return Path(out_path)

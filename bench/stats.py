@@ -27,16 +27,21 @@ def summarize(ms: list[float]) -> dict:
 
 
 def time_fn(fn, warmup: int = 3, min_runs: int = 100, min_seconds: float = 10.0,
-            max_seconds: float | None = None) -> list[float]:
+            max_seconds: float | None = None, sync=None) -> list[float]:
     """MLPerf SingleStream style: warm up, then run until both `min_runs` and `min_seconds`
-    are met (or max_seconds passes). Returns every run's time in ms."""
+    are met (or max_seconds passes). Returns every run's time in ms. `sync` (e.g.
+    torch.cuda.synchronize) is called after each run so asynchronous work is counted."""
     for _ in range(warmup):
         fn()
+    if sync:
+        sync()
     times = []
     start = time.perf_counter()
     while True:
         t0 = time.perf_counter()
         fn()
+        if sync:
+            sync()
         t1 = time.perf_counter()
         times.append((t1 - t0) * 1e3)
         elapsed = t1 - start

@@ -1,6 +1,7 @@
-"""The standard encoder comparison that `lathe bench` and `lathe demo` run: torch fp32 (the
-anchor), lathe (fp32 or compressed), onnxruntime fp32 and onnxruntime int8 (quantize_dynamic),
-and lathe's own int8 ONNX on onnxruntime, each with its quality against torch fp32."""
+"""The comparison that `lathe bench` and `lathe demo` run. For a model directory (original or
+lathe compressed): torch fp32 (the anchor), lathe, onnxruntime fp32, onnxruntime int8
+(quantize_dynamic) and lathe's own ONNX on onnxruntime, each with its quality against torch
+fp32. For an .onnx or .engine file: that file alone (quality needs a model directory)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,47 +10,66 @@ from lathe.errors import BadInput
 
 ALL = ("torch", "compile", "lathe", "onnxruntime", "ort-int8", "lathe-onnx")
 DEFAULT = ("torch", "lathe", "onnxruntime", "ort-int8", "lathe-onnx")
+REFERENCE = "torch fp32"
+
+
+def _file_target(target: Path, model_dir) -> list:
+    from lathe.bench.backends import Spec
+
+    if target.suffix == ".onnx":
+        return [Spec("onnxruntime", str(target), f"onnxruntime {target.name}")]
+    if target.suffix in (".engine", ".plan"):
+        return [Spec("tensorrt", str(target), f"tensorrt {target.name}", "cuda")]
+    raise BadInput(f"{target}: expected a model directory, an .onnx file or an .engine/.plan file")
 
 
 def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128, min_runs: int = 100,
-        min_seconds: float = 10.0, max_seconds: float | None = None, log=print) -> dict:
-    from lathe.bench import backends as B
+        min_seconds: float = 10.0, max_seconds: float | None = None, isolate: bool = False,
+        threads: int | None = None, model_dir=None, device: str = "cpu", log=print) -> dict:
+    from lathe.bench.backends import Spec, ort_quantize_dynamic
     from lathe.bench.encoder import run_grid
     from lathe.export.onnx import export_onnx
-    from lathe.source import open_source
-    from lathe.text import Tokenizer, eval_sentences
+    from lathe.source import default_checkpoint, open_source
 
     unknown = [b for b in backends if b not in ALL]
     if unknown:
         raise BadInput(f"unknown backend {unknown[0]!r}; expected some of {', '.join(ALL)}")
+    target = Path(target)
+    if not target.exists():
+        raise BadInput(f"no such file or directory: {target}")
+    if target.is_file():
+        tok_dir = open_source(model_dir or default_checkpoint()).path
+        specs = _file_target(target, model_dir)
+        return run_grid(specs, tok_dir, batches, seq, min_runs, min_seconds, max_seconds, None, isolate,
+                        threads, config={"target": str(target)})
     tgt = open_source(target)
     src = open_source(tgt.manifest["source"]["path"]) if tgt.is_compressed else tgt
     workdir.mkdir(parents=True, exist_ok=True)
     name = "lathe " + (tgt.manifest["recipe"]["name"] if tgt.is_compressed else "fp32")
-    fp32_onnx = workdir / "model-fp32.onnx"
-    made = []
+    specs = []
     if "torch" in backends:
-        made.append(B.torch_eager(src.path))
+        specs.append(Spec("torch", str(src.path), REFERENCE, device))
     if "compile" in backends:
-        made.append(B.torch_compile(src.path))
+        specs.append(Spec("compile", str(tgt.path), f"torch.compile {name}", device))
     if "lathe" in backends:
-        made.append(B.lathe_model(tgt.path, name))
+        specs.append(Spec("lathe", str(tgt.path), name, device))
     if "onnxruntime" in backends or "ort-int8" in backends:
+        fp32_onnx = workdir / "model-fp32.onnx"
         log(f"exporting {src.path.name} to ONNX (fp32) ...")
         _, v = export_onnx(src.path, fp32_onnx)
         log("  " + v.summary())
         if "onnxruntime" in backends:
-            made.append(B.onnxruntime(fp32_onnx, "onnxruntime fp32"))
+            specs.append(Spec("onnxruntime", str(fp32_onnx), "onnxruntime fp32"))
         if "ort-int8" in backends:
-            q = B.ort_quantize_dynamic(fp32_onnx, workdir / "model-ort-int8.onnx")
-            made.append(B.onnxruntime(q, "onnxruntime int8 (quantize_dynamic)"))
+            q = ort_quantize_dynamic(fp32_onnx, workdir / "model-ort-int8.onnx")
+            specs.append(Spec("onnxruntime", str(q), "onnxruntime int8 (quantize_dynamic)"))
     if "lathe-onnx" in backends and tgt.is_compressed:
-        log(f"exporting {tgt.path.name} to ONNX (lathe int8 lowering) ...")
+        log(f"exporting {tgt.path.name} to ONNX (lathe lowering) ...")
         p, v = export_onnx(tgt.path, workdir / "model-lathe.onnx")
         log("  " + v.summary())
-        made.append(B.onnxruntime(p, f"{name} ONNX on onnxruntime"))
-    ref = "torch fp32" if "torch" in backends else None
-    tok = Tokenizer(src.path)
-    log(f"timing {len(made)} backends x batches {list(batches)} at seq {seq} ...")
-    return run_grid(made, tok, eval_sentences(), batches, seq, min_runs, min_seconds, max_seconds,
-                    reference=ref, config={"target": str(tgt.path), "source": str(src.path)})
+        specs.append(Spec("onnxruntime", str(p), f"{name} ONNX on onnxruntime"))
+    log(f"timing {len(specs)} backends x batches {list(batches)} at seq {seq}"
+        + (" (each in its own process)" if isolate else "") + " ...")
+    return run_grid(specs, src.path, batches, seq, min_runs, min_seconds, max_seconds,
+                    REFERENCE if "torch" in backends else None, isolate, threads,
+                    config={"target": str(tgt.path), "source": str(src.path)})
