@@ -141,7 +141,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"lathe": ["data/*.txt"], "lathe.compress": ["recipes/*.yaml"]},
+    package_data={"lathe": ["data/*.txt", "data/decoder-lm/*"], "lathe.compress": ["recipes/*.yaml"]},
     include_package_data=False,
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
