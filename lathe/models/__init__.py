@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from lathe.errors import BadInput
 
-FAMILIES = {"bert": "lathe.models.bert:BertEncoder"}
+FAMILIES = {"bert": "lathe.models.bert:BertEncoder",
+            "llama": "lathe.models.llama:LlamaForCausalLM"}
 
 
 def model_class(config: dict):
