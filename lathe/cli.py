@@ -12,7 +12,9 @@ EXAMPLES = {
     "compress": "example:\n  lathe compress ./all-MiniLM-L6-v2 --recipe int8 -o ./minilm-int8\n"
                 "  lathe compress ./model --recipe my-recipe.yaml --calib texts.txt -o ./out",
     "export": "example:\n  lathe export ./minilm-int8 --to onnx -o minilm-int8.onnx\n"
-              "  lathe export ./model --to onnx --opset 18 --no-validate -o model.onnx",
+              "  lathe export ./model --to onnx --opset 18 --no-validate -o model.onnx\n"
+              "  lathe export ./minilm-int8 --to onnx --target tensorrt --lint tensorrt -o m.onnx\n"
+              "  lathe export ./minilm-int8 --to tensorrt --opt-shapes input_ids:8x128,... -o m.engine",
     "bench": "example:\n  lathe bench ./minilm-int8 --batch 1,8 --seq 128 --json out.json\n"
              "  lathe bench compare before.json after.json --threshold 0.1\n"
              "  lathe bench kernels --json bench/results/kernels-cpu.json",
@@ -49,10 +51,17 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES["export"], formatter_class=fmt)
     e.add_argument("src", help="Hugging Face model directory or lathe compressed directory")
     e.add_argument("--to", choices=["onnx", "tensorrt"], default="onnx")
-    e.add_argument("--target", choices=["onnxruntime"], default="onnxruntime",
-                   help="runtime whose patterns the quantized ops lower to")
+    e.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="runtime whose patterns the quantized ops lower to (tensorrt: symmetric static QDQ)")
     e.add_argument("--opset", type=int, default=18)
     e.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+    e.add_argument("--lint", choices=["tensorrt"], help="check the ONNX for TensorRT readiness (exit 3 on errors)")
+    e.add_argument("--min-shapes", help="TensorRT profile, e.g. input_ids:1x1,attention_mask:1x1")
+    e.add_argument("--opt-shapes", help="TensorRT profile, e.g. input_ids:8x128,attention_mask:8x128")
+    e.add_argument("--max-shapes", help="TensorRT profile, e.g. input_ids:32x512,attention_mask:32x512")
+    e.add_argument("--fp16", action="store_true", help="TensorRT: cast the graph to fp16 before the build")
+    e.add_argument("--workspace-gb", type=float, default=4, help="TensorRT builder workspace limit")
+    e.add_argument("--timing-cache", help="TensorRT timing cache file (read if present, then updated)")
     e.add_argument("-o", "--out", required=True, help="output file")
 
     b = sub.add_parser("bench", help="latency and quality, many backends side by side",
@@ -86,14 +95,27 @@ def _compress(a):
 
 def _export(a):
     if a.to == "tensorrt":
-        from lathe.export.tensorrt import require_tensorrt
-        require_tensorrt()
+        from lathe.export.tensorrt import export_tensorrt
+        out, _, _ = export_tensorrt(a.src, a.out, a.min_shapes, a.opt_shapes, a.max_shapes, a.fp16,
+                                    a.workspace_gb, a.timing_cache, a.opset, validate=not a.no_validate)
+        print(f"wrote {out}")
+        return 0
     from lathe.export.onnx import export_onnx
 
     out, report = export_onnx(a.src, a.out, a.target, a.opset, validate=not a.no_validate)
     if report:
         print(report.summary())
     print(f"wrote {out}")
+    if a.lint == "tensorrt":
+        from lathe.errors import ValidationFailed
+        from lathe.export.tensorrt import parse_profiles
+        from lathe.export.trt_lint import lint
+        findings = lint(out, parse_profiles(a.min_shapes, a.opt_shapes, a.max_shapes))
+        print(findings.summary())
+        if findings.errors and not a.no_validate:
+            raise ValidationFailed(f"TensorRT lint: {len(findings.errors)} error(s) in {out} (first: "
+                                   f"{findings.errors[0]})")
+    return 0
 
 
 def _bench(a):
