@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency and quality, many backends side by side",
                        epilog=EXAMPLES["bench"], formatter_class=fmt)
-    b.add_argument("target", help="model directory, lathe compressed directory, `compare` or `kernels`")
+    b.add_argument("target", help="model directory, lathe compressed directory, .onnx or .engine file, "
+                                  "`compare` or `kernels`")
     b.add_argument("rest", nargs="*", help="with `compare`: A.json B.json")
     b.add_argument("--backend", default=None,
                    help="comma-separated: torch,compile,lathe,onnxruntime,ort-int8,lathe-onnx")
@@ -77,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the JSON report here")
     b.add_argument("--out", default="lathe-bench-out", help="folder for report.{json,md,csv,png}")
     b.add_argument("--threshold", type=float, default=0.10, help="compare: regression threshold")
+    b.add_argument("--isolate", action="store_true", help="run each backend in its own process")
+    b.add_argument("--threads", type=int, default=None, help="threads for every backend (pinned)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (for the torch/lathe backends)")
+    b.add_argument("--model-dir", default=None,
+                   help="tokenizer/model directory for an .onnx/.engine target (default: MiniLM)")
 
     d = sub.add_parser("demo", help="the main job on the embedded all-MiniLM-L6-v2",
                        epilog=EXAMPLES["demo"], formatter_class=fmt)
@@ -143,7 +149,8 @@ def _bench(a):
     from lathe import benchflow
 
     backends = tuple(a.backend.split(",")) if a.backend else benchflow.DEFAULT
-    doc = benchflow.run(a.target, Path(a.out), backends, a.batch, a.seq, a.min_runs, a.min_seconds)
+    doc = benchflow.run(a.target, Path(a.out), backends, a.batch, a.seq, a.min_runs, a.min_seconds,
+                        isolate=a.isolate, threads=a.threads, model_dir=a.model_dir, device=a.device)
     paths = write_all(doc, Path(a.out))
     if a.json:
         from lathe.compress.checkpoint import atomic_file
