@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="lathe-bench-out", help="folder for report.{json,md,csv,png}")
     b.add_argument("--threshold", type=float, default=0.10, help="compare: regression threshold")
     b.add_argument("--isolate", action="store_true", help="run each backend in its own process")
+    b.add_argument("--prompt-len", type=int, default=128, help="decoders: prompt tokens")
+    b.add_argument("--gen-len", type=int, default=32, help="decoders: generated tokens")
     b.add_argument("--threads", type=int, default=None, help="threads for every backend (pinned)")
     b.add_argument("--device", default="cpu", help="cpu or cuda (for the torch/lathe backends)")
     b.add_argument("--model-dir", default=None,
@@ -147,7 +149,10 @@ def _bench(a):
         print(text)
         return 1 if regressed else 0
     from lathe import benchflow
+    from lathe.source import open_source
 
+    if Path(a.target).is_dir() and open_source(a.target).model_type == "llama":
+        return _bench_decoder(a)
     backends = tuple(a.backend.split(",")) if a.backend else benchflow.DEFAULT
     doc = benchflow.run(a.target, Path(a.out), backends, a.batch, a.seq, a.min_runs, a.min_seconds,
                         isolate=a.isolate, threads=a.threads, model_dir=a.model_dir, device=a.device)
@@ -158,6 +163,23 @@ def _bench(a):
             tmp.write_text(json.dumps(doc, indent=2))
     print(table(doc))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _bench_decoder(a):
+    import json
+
+    from lathe.bench import decoder
+    from lathe.compress.checkpoint import atomic_file
+
+    doc = decoder.run(a.target, a.batch, a.prompt_len, a.gen_len, max(3, a.min_runs // 5), a.min_seconds)
+    print(decoder.table(doc))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in [out / "report.json"] + ([Path(a.json)] if a.json else []):
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))
+    print(f"wrote {out / 'report.json'}")
     return 0
 
 

@@ -58,3 +58,22 @@ def test_bad_target(tmp_path):
         benchflow.run(tmp_path / "x.txt", tmp_path, log=lambda *_: None)
     with pytest.raises(BadInput, match="unknown backend"):
         benchflow.run(tmp_path, tmp_path, ("tensorflow",), log=lambda *_: None)
+
+
+def test_decoder_scenario(tmp_path):
+    """Prefill, per-token decode and tokens/s on the shipped decoder, perplexity beside them."""
+    from pathlib import Path
+
+    import lathe
+    from lathe.bench import decoder
+
+    src = Path(lathe.__file__).parent / "data" / "decoder-lm"
+    q = lathe.compress_checkpoint(src, "int8-dynamic", tmp_path / "dec-int8")
+    doc = decoder.run(q, batches=(1,), prompt_len=16, gen_len=4, min_runs=2, min_seconds=0.0,
+                      log=lambda *_: None)
+    assert {r["backend"] for r in doc["results"]} == {"lathe fp32", "lathe int8-dynamic"}
+    for r in doc["results"]:
+        assert r["decode_per_token"]["n"] >= 4 and r["prefill"]["p50_ms"] > 0
+    fp32, int8 = (doc["quality"][k]["perplexity"] for k in ("lathe fp32", "lathe int8-dynamic"))
+    assert int8 < fp32 * 1.05  # int8 W8A8 costs little perplexity on this model
+    assert "decode tok/s" in decoder.table(doc)

@@ -1,0 +1,87 @@
+"""The decoder scenario: prefill latency, per-token decode latency and tokens/s at a prompt and
+generation length, with held-out perplexity beside speed (against the fp32 source model)."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from lathe.bench.report import SCHEMA_VERSION
+from lathe.bench.stats import summarize, time_fn
+
+
+def _prompt(tok, batch: int, prompt_len: int) -> torch.Tensor:
+    from lathe.bench.perplexity import heldout_texts
+
+    ids = tok.encode("\n".join(heldout_texts(4))).ids
+    reps = (prompt_len * batch) // max(1, len(ids)) + 1
+    ids = (ids * reps)[: prompt_len * batch]
+    return torch.tensor(ids, dtype=torch.long).view(batch, prompt_len)
+
+
+def measure(model, tok, batch: int, prompt_len: int, gen_len: int, min_runs: int, min_seconds: float,
+            max_seconds: float | None) -> dict:
+    x = _prompt(tok, batch, prompt_len)
+    with torch.inference_mode():
+        prefill = time_fn(lambda: model(x, use_cache=True), min_runs=min_runs, min_seconds=min_seconds,
+                          max_seconds=max_seconds)
+        step_ms = []
+
+        def generate():
+            logits, cache = model(x, use_cache=True)
+            nxt = logits[:, -1:].argmax(-1)
+            for _ in range(gen_len):
+                t0 = time.perf_counter()
+                logits, cache = model(nxt, past_key_values=cache, use_cache=True)
+                step_ms.append((time.perf_counter() - t0) * 1e3)
+                nxt = logits[:, -1:].argmax(-1)
+        time_fn(generate, warmup=1, min_runs=max(1, min_runs // 10), min_seconds=min_seconds,
+                max_seconds=max_seconds)
+    p, d = summarize(prefill), summarize(step_ms)
+    return {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
+            "prefill": p, "decode_per_token": d,
+            "prefill_tokens_per_s": batch * prompt_len * 1e3 / p["p50_ms"],
+            "decode_tokens_per_s": batch * 1e3 / d["p50_ms"]}
+
+
+def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs: int = 20,
+        min_seconds: float = 2.0, max_seconds: float | None = 30.0, log=print) -> dict:
+    import lathe
+    from lathe.bench.machine import describe
+    from lathe.bench.perplexity import as_tokenizers, heldout_texts, perplexity
+    from lathe.source import open_source
+
+    tgt = open_source(target)
+    src = open_source(tgt.manifest["source"]["path"]) if tgt.is_compressed else tgt
+    tok = as_tokenizers(src.path)
+    texts = heldout_texts(16)
+    doc = {"schema_version": SCHEMA_VERSION, "kind": "decoder", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "machine": describe(), "config": {"target": str(tgt.path), "source": str(src.path),
+                                             "prompt_len": prompt_len, "gen_len": gen_len},
+           "interrupted": False, "results": [], "quality": {}}
+    models = [("fp32", src.path)] + ([(tgt.manifest["recipe"]["name"], tgt.path)] if tgt.is_compressed else [])
+    try:
+        for label, path in models:
+            m = lathe.load(path)
+            ppl = perplexity(m, tok, texts, max_tokens=8192)
+            doc["quality"][f"lathe {label}"] = {"perplexity": ppl}
+            for b in batches:
+                log(f"{label}: batch {b}, prompt {prompt_len}, generate {gen_len} ...")
+                r = measure(m, tok, b, prompt_len, gen_len, min_runs, min_seconds, max_seconds)
+                doc["results"].append({"backend": f"lathe {label}", **r})
+    except KeyboardInterrupt:
+        doc["interrupted"] = True
+        print("\ninterrupted: writing what was measured", file=sys.stderr)
+    return doc
+
+
+def table(doc: dict) -> str:
+    lines = [f"{'backend':22} {'batch':>5} {'prefill p50 ms':>15} {'decode p50 ms/tok':>18} "
+             f"{'decode tok/s':>12} {'perplexity':>10}"]
+    for r in doc["results"]:
+        q = doc["quality"].get(r["backend"], {})
+        lines.append(f"{r['backend']:22} {r['batch']:5d} {r['prefill']['p50_ms']:15.2f} "
+                     f"{r['decode_per_token']['p50_ms']:18.2f} {r['decode_tokens_per_s']:12.1f} "
+                     f"{q.get('perplexity', float('nan')):10.2f}")
+    return "\n".join(lines)
