@@ -59,3 +59,98 @@ def config_from_dict(d: dict, where: str = "step"):
 
 def config_to_dict(cfg) -> dict:
     return {"method": cfg.method, **dataclasses.asdict(cfg)}
+
+
+# ----------------------------------------------------------------------------- weight-only / fp8
+
+
+def _check_skip(method: str, skip):
+    if not isinstance(skip, list) or not all(isinstance(p, str) for p in skip):
+        raise BadInput(f"{method}.skip must be a list of name patterns (fnmatch), got {skip!r}")
+
+
+def _check_bool(method: str, name: str, v):
+    if not isinstance(v, bool):
+        raise BadInput(f"{method}.{name} must be true or false, got {v!r}")
+
+
+@dataclass
+class Int4Config:
+    """W4A16: int4 weights in groups of `group_size` along K (lathe's Int4Group format), fp
+    activations (torch.ops.lathe.linear_w4a16).
+
+    algo: "rtn" (round to nearest, no calibration), "gptq" (Frantar et al.: Hessian-aware error
+    compensation, layer by layer; act_order, damp), "awq" (Lin et al.: activation-aware
+    per-input-channel scaling searched over awq_grid exponents, then, with awq_clip, a
+    per-group weight clipping search as in the AWQ reference implementation).
+    """
+
+    method: ClassVar[str] = "int4"
+    algo: str = "rtn"
+    group_size: int = 128
+    symmetric: bool = False
+    act_order: bool = False  # gptq: solve columns by descending Hessian diagonal
+    damp: float = 0.01  # gptq: dampening, a fraction of the mean Hessian diagonal
+    awq_grid: int = 20  # awq: number of exponents alpha = i / awq_grid, i = 0 .. awq_grid - 1
+    awq_clip: bool = True  # awq: also search each group's clipping range (AWQ's auto_clip)
+    skip: list = field(default_factory=lambda: ["lm_head"])
+
+    def __post_init__(self):
+        if self.algo not in ("rtn", "gptq", "awq"):
+            raise BadInput(f"int4.algo must be one of rtn, gptq, awq, got {self.algo!r}")
+        if isinstance(self.group_size, bool) or self.group_size not in (32, 64, 128):
+            raise BadInput(f"int4.group_size must be 32, 64 or 128, got {self.group_size!r}")
+        _check_bool("int4", "symmetric", self.symmetric)
+        _check_bool("int4", "act_order", self.act_order)
+        if self.act_order and self.algo != "gptq":
+            raise BadInput(f"int4.act_order applies to algo gptq only (algo is {self.algo!r})")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) \
+                or not 0.0 < float(self.damp) <= 1.0:
+            raise BadInput(f"int4.damp must be a number in (0, 1], got {self.damp!r}")
+        self.damp = float(self.damp)
+        if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) \
+                or not 1 <= self.awq_grid <= 1000:
+            raise BadInput(f"int4.awq_grid must be an integer in [1, 1000], got {self.awq_grid!r}")
+        _check_bool("int4", "awq_clip", self.awq_clip)
+        _check_skip("int4", self.skip)
+
+
+@dataclass
+class Int8WeightOnlyConfig:
+    """W8A16: symmetric int8 weights, one scale per output channel (group_size None) or per
+    group of group_size along K; fp activations. Round to nearest, no calibration."""
+
+    method: ClassVar[str] = "int8-weight-only"
+    group_size: int | None = None
+    skip: list = field(default_factory=lambda: ["lm_head"])
+
+    def __post_init__(self):
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 16):
+            raise BadInput(f"int8-weight-only.group_size must be null (per channel) or a positive "
+                           f"multiple of 16, got {g!r}")
+        _check_skip("int8-weight-only", self.skip)
+
+
+@dataclass
+class Fp8Config:
+    """FP8 E4M3 weights and dynamic FP8 activations (QLinearFP8). On CPU this is a simulation
+    (quantize-dequantize in PyTorch) that measures accuracy; real FP8 matmuls need sm_89+.
+
+    granularity: weight scales "per_channel" or "per_tensor"; act_granularity: activation
+    scales "per_token" or "per_tensor" (both dynamic, no calibration)."""
+
+    method: ClassVar[str] = "fp8"
+    granularity: str = "per_channel"
+    act_granularity: str = "per_token"
+    skip: list = field(default_factory=lambda: ["lm_head"])
+
+    def __post_init__(self):
+        if self.granularity not in ("per_channel", "per_tensor"):
+            raise BadInput(f"fp8.granularity must be per_channel or per_tensor, got {self.granularity!r}")
+        if self.act_granularity not in ("per_token", "per_tensor"):
+            raise BadInput(f"fp8.act_granularity must be per_token or per_tensor, got {self.act_granularity!r}")
+        _check_skip("fp8", self.skip)
+
+
+CONFIGS.update({c.method: c for c in (Int4Config, Int8WeightOnlyConfig, Fp8Config)})

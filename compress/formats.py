@@ -88,3 +88,69 @@ class Int4Group:
 
 
 FORMATS = {f.name: f for f in (Int8PerChannel(),)}
+
+
+@dataclass(frozen=True)
+class Int8WeightOnly:
+    """Symmetric int8 weights with fp activations (W8A16). qweight int8 [N, K], codes in
+    [-127, 127]; scales fp32 [N, G]: G = 1 per output channel (group_size None) or K / g per
+    group of `group_size` along K. W[n, k] = qweight[n, k] * scales[n, k // g] (g = K per
+    channel). Layout of kernels/triton_kernels/qmatmul.py `w8a16_linear`. An all-zero row or
+    group gets scale 1 (codes 0), never 0."""
+
+    group_size: int | None = None
+    name: str = "int8_weight_only"
+    op: str = "linear_w8a16"  # no torch.ops.lathe op yet: QLinearW8A16 runs the reference
+
+    def quantize(self, w: torch.Tensor):
+        w = w.detach().float()
+        N, K = w.shape
+        g = K if self.group_size is None else self.group_size
+        if K % g:
+            raise BadInput(f"in_features {K} is not a multiple of the int8 group size {g}")
+        wg = w.view(N, K // g, g)
+        amax = wg.abs().amax(-1)
+        scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q = torch.clamp(torch.round(wg / scales[..., None]), -127, 127).to(torch.int8).view(N, K)
+        return q.contiguous(), scales.contiguous()
+
+    @staticmethod
+    def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        N, K = q.shape
+        G = scales.shape[1]
+        return (q.float().view(N, G, K // G) * scales.float()[..., None]).view(N, K)
+
+    def manifest(self) -> dict:
+        gran = "per_channel" if self.group_size is None else f"group{self.group_size}"
+        return asdict(self) | {"dtype": "int8", "granularity": gran, "symmetric": True,
+                               "activations": "fp (weight-only)"}
+
+
+FP8_E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class FP8E4M3:
+    """FP8 E4M3 (torch.float8_e4m3fn) weights and dynamic FP8 activations, scale = amax / 448
+    (1 for all-zero rows). Weights: one scale per output channel or one per tensor; activations:
+    one scale per token (row) or one per tensor, computed at run time."""
+
+    granularity: str = "per_channel"
+    act_granularity: str = "per_token"
+    name: str = "fp8_e4m3"
+    op: str = "fp8_linear"  # Triton on sm_89+; on CPU QLinearFP8 simulates it
+
+    def quantize(self, w: torch.Tensor):
+        w = w.detach().float()
+        amax = w.abs().amax(dim=1) if self.granularity == "per_channel" else w.abs().amax().reshape(1)
+        scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+        s = scale[:, None] if self.granularity == "per_channel" else scale
+        q = (w / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        return q.contiguous(), scale.contiguous()
+
+    @staticmethod
+    def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return q.float() * scale.float().reshape(-1, 1)  # [N] or [1]: broadcasts either way
+
+    def manifest(self) -> dict:
+        return asdict(self) | {"dtype": "float8_e4m3fn", "symmetric": True}

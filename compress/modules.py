@@ -97,3 +97,232 @@ class QLinearW8A8(nn.Module):
 
 
 QUANT_MODULES = {"QLinearW8A8": QLinearW8A8}
+
+
+# ----------------------------------------------------------------------------- weight-only
+
+from lathe.compress.formats import FP8E4M3, FP8_E4M3_MAX, Int4Group, Int8WeightOnly  # noqa: E402
+
+
+class QLinearW4A16(nn.Module):
+    """Linear with int4 group-quantized weights (lathe's Int4Group format) and fp activations.
+
+    Buffers: qweight uint8 [N, K/2] (low nibble = even k), scales fp32 [N, K/g], zeros uint8
+    [N, K/g] (codes 0..15; 8 everywhere when symmetric), bias fp32 [N] (optional), smooth fp32
+    [K] (optional: AWQ's 1/s, multiplied into x before the matmul; W*s was quantized).
+    forward = torch.ops.lathe.linear_w4a16, so the dispatcher picks the kernel.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 symmetric: bool = False, smooth: bool = False, device=None):
+        super().__init__()
+        self.format = Int4Group(group_size, symmetric)
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.symmetric = group_size, symmetric
+        G = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, G, device=device))
+        self.register_buffer("zeros", torch.full((out_features, G), 8 if symmetric else 0,
+                                                 dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
+        self.backend = None  # set by prepare()
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, name: str = "linear", group_size: int = 128,
+                    symmetric: bool = False, weight=None, scales=None, zeros=None, smooth=None):
+        """RTN of lin.weight, unless `weight` (e.g. GPTQ's already-quantized values) and its
+        scales/zeros [N, K/g] are given. smooth: AWQ's per-input-channel s [K]: the (given or
+        own) weight is multiplied by s before quantization and x by 1/s at run time."""
+        check_finite(f"weight of {name}", lin.weight)
+        w = (lin.weight if weight is None else weight).detach().float()
+        if smooth is not None:
+            w = w * smooth[None, :].float()
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size, symmetric,
+                smooth is not None)
+        qw, s, z = m.format.quantize(w, scales, zeros)
+        m.qweight.copy_(qw)
+        m.scales.copy_(s)
+        m.zeros.copy_(z)
+        if smooth is not None:
+            m.smooth.copy_(1.0 / smooth.float())
+        if lin.bias is not None:
+            check_finite(f"bias of {name}", lin.bias)
+            m.bias.copy_(lin.bias.detach().float())
+        return m.prepare()
+
+    @classmethod
+    def concat(cls, parts):
+        """Output channels side by side (exact: rows are quantized independently); the parts
+        must share group size, symmetry and smooth vector (AWQ gives one per input group)."""
+        p0 = parts[0]
+        same = all(p.group_size == p0.group_size and p.symmetric == p0.symmetric
+                   and (p.smooth is None) == (p0.smooth is None)
+                   and (p.smooth is None or torch.equal(p.smooth, p0.smooth)) for p in parts)
+        if not same:
+            raise ValueError("cannot concatenate int4 linears with different group size, symmetry or smooth")
+        m = cls(p0.in_features, sum(p.out_features for p in parts), p0.bias is not None,
+                p0.group_size, p0.symmetric, p0.smooth is not None, device=p0.qweight.device)
+        m.qweight = torch.cat([p.qweight for p in parts])
+        m.scales = torch.cat([p.scales for p in parts])
+        m.zeros = torch.cat([p.zeros for p in parts])
+        if p0.bias is not None:
+            m.bias = torch.cat([p.bias for p in parts])
+        if p0.smooth is not None:
+            m.smooth = p0.smooth.clone()
+        return m.prepare()
+
+    def prepare(self):
+        """Device packing hook, run once at load time. A no-op today (the CPU backend of
+        linear_w4a16 is the reference, which reads the canonical buffers); a CPU kernel that
+        wants its own layout (lathe.kernels.cpu_int4.int4_pack) packs here when the
+        dispatcher picks it, into non-persistent buffers as QLinearW8A8 does."""
+        from lathe.kernels.dispatch import backend_for
+        dev = self.qweight.device
+        self.backend = None if dev.type == "meta" else backend_for("linear_w4a16", dev)
+        return self
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight this module multiplies by (x * smooth) @ W^T (reference)."""
+        return self.format.dequantize(self.qweight, self.scales, self.zeros, self.in_features).float()
+
+    def manifest_args(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "group_size": self.group_size,
+                "symmetric": self.symmetric, "smooth": self.smooth is not None}
+
+    def forward(self, x):
+        if self.smooth is not None:
+            x = x * self.smooth.to(x.dtype)
+        return torch.ops.lathe.linear_w4a16(x, self.qweight, self.scales, self.zeros,
+                                            self.group_size, self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, "
+                f"smooth={self.smooth is not None}, format={self.format.name}")
+
+
+class QLinearW8A16(nn.Module):
+    """Linear with symmetric int8 weights (per output channel, or per group of `group_size`
+    along K) and fp activations (lathe.compress.formats.Int8WeightOnly).
+
+    Buffers: qweight int8 [N, K], scales fp32 [N, G] (G = 1 per channel, K/g per group),
+    bias fp32 [N] (optional).
+
+    REFERENCE PATH: there is no torch.ops.lathe.linear_w8a16 op yet (kernels/ops.py is not
+    part of this module's work), so forward dequantizes and multiplies in plain PyTorch on every
+    device. The Triton kernel for this exact layout exists
+    (lathe/kernels/triton_kernels/qmatmul.py `w8a16_linear`); once an op wraps it, forward
+    should call torch.ops.lathe.linear_w8a16 like the other modules.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group_size: int | None = None, device=None):
+        super().__init__()
+        self.format = Int8WeightOnly(group_size)
+        if group_size is not None and in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        G = 1 if group_size is None else in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, G, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, name: str = "linear", group_size: int | None = None):
+        check_finite(f"weight of {name}", lin.weight)
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size)
+        q, s = m.format.quantize(lin.weight)
+        m.qweight.copy_(q)
+        m.scales.copy_(s)
+        if lin.bias is not None:
+            check_finite(f"bias of {name}", lin.bias)
+            m.bias.copy_(lin.bias.detach().float())
+        return m.prepare()
+
+    def prepare(self):
+        return self  # nothing to pack: the reference path reads the canonical buffers
+
+    def dequantize(self) -> torch.Tensor:
+        return self.format.dequantize(self.qweight, self.scales)
+
+    def manifest_args(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "group_size": self.group_size}
+
+    def forward(self, x):
+        # Reference dequant-matmul (see the class docstring): fp32 math, output in x's dtype.
+        w = self.dequantize()
+        y = torch.nn.functional.linear(x.float(), w, None if self.bias is None else self.bias.float())
+        return y.to(x.dtype)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, format={self.format.name}")
+
+
+class QLinearFP8(nn.Module):
+    """Linear with FP8 E4M3 weights and dynamic FP8 E4M3 activations (W8A8 in fp8).
+
+    Buffers: weight float8_e4m3fn [N, K], weight_scale fp32 [N] (per channel) or [1] (per
+    tensor), bias fp32 [N] (optional). Activations are quantized at run time, scale =
+    amax / 448 per token (row) or per tensor.
+
+    This forward is the REFERENCE simulation, on every device: x is quantized to
+    torch.float8_e4m3fn and back in PyTorch, then multiplied in fp32 with the dequantized
+    weight; it shows the accuracy of FP8, not its speed. Real FP8 kernels need an sm_89+ GPU
+    (Ada, Hopper) and run through the Triton path, lathe/kernels/triton_kernels/qmatmul.py
+    `fp8_linear` (fp8 x fp8 -> fp32 accumulation), which takes exactly these buffers.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 granularity: str = "per_channel", act_granularity: str = "per_token", device=None):
+        super().__init__()
+        self.format = FP8E4M3(granularity, act_granularity)
+        self.in_features, self.out_features = in_features, out_features
+        self.granularity, self.act_granularity = granularity, act_granularity
+        self.register_buffer("weight", torch.zeros(out_features, in_features, device=device).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", torch.ones(out_features if granularity == "per_channel" else 1,
+                                                        device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, name: str = "linear", granularity: str = "per_channel",
+                    act_granularity: str = "per_token"):
+        check_finite(f"weight of {name}", lin.weight)
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, granularity, act_granularity)
+        q, s = m.format.quantize(lin.weight)
+        m.weight.copy_(q)
+        m.weight_scale.copy_(s)
+        if lin.bias is not None:
+            check_finite(f"bias of {name}", lin.bias)
+            m.bias.copy_(lin.bias.detach().float())
+        return m.prepare()
+
+    def prepare(self):
+        return self
+
+    def manifest_args(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "granularity": self.granularity,
+                "act_granularity": self.act_granularity}
+
+    def forward(self, x):
+        xf = x.float()
+        amax = xf.abs().amax(dim=-1, keepdim=True) if self.act_granularity == "per_token" else xf.abs().amax()
+        sx = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+        xq = (xf / sx).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        y = (xq.float() @ self.weight.float().t()) * sx * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"granularity={self.granularity}, act_granularity={self.act_granularity}")
+
+
+QUANT_MODULES.update({"QLinearW4A16": QLinearW4A16, "QLinearW8A16": QLinearW8A16, "QLinearFP8": QLinearFP8})

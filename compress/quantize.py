@@ -82,3 +82,4 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(ref.pow(2).mean() / noise))
+import lathe.compress.weight_only  # noqa: E402,F401  (registers the int4 / int8-weight-only / fp8 handlers)
