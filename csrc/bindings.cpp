@@ -3,7 +3,9 @@
 // and passes tensor.data_ptr(); this layer re-checks shapes before any pointer is touched.
 #include <pybind11/pybind11.h>
 
+#include "cpu/attention.h"
 #include "cpu/int8_gemm.h"
+#include "cpu/int4_gemm.h"
 #include "cpu/isa.h"
 
 namespace py = pybind11;
@@ -49,6 +51,10 @@ PYBIND11_MODULE(_C, m) {
                              ptr<const float>(bias), N, ptr<float>(out), ldo, act, asym,
                              nthreads);
         });
+  m.def("vnni_peak_gops", [](int nthreads) {
+    py::gil_scoped_release nogil;
+    return lathe::vnni_peak_gops(nthreads);
+  });
   m.def("quantize_rows_u8",
         [](uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t q, uintptr_t scale,
            uintptr_t zp, int asym, int nthreads) {
@@ -56,4 +62,67 @@ PYBIND11_MODULE(_C, m) {
           lathe::quantize_rows_u8(ptr<const float>(x), M, K, ldx, ptr<uint8_t>(q),
                                   ptr<float>(scale), ptr<int32_t>(zp), asym, nthreads);
         });
+
+  // int4 weight-only GEMM (csrc/cpu/int4_gemm.h): pack once, then int4_linear.
+  m.def("int4_packed_code_bytes", &lathe::int4_packed_code_bytes);
+  m.def("int4_packed_scale_count", &lathe::int4_packed_scale_count);
+  m.def("int4_pack",
+        [](uintptr_t qweight, int64_t ldq, uintptr_t scales, int64_t lds, uintptr_t zeros,
+           int64_t ldz, int64_t N, int64_t K, int64_t g, uintptr_t p_codes, uintptr_t p_scales,
+           uintptr_t p_zeros) {
+          py::gil_scoped_release nogil;
+          lathe::int4_pack(ptr<const uint8_t>(qweight), ldq, ptr<const float>(scales), lds,
+                           ptr<const uint8_t>(zeros), ldz, N, K, g, ptr<uint8_t>(p_codes),
+                           ptr<float>(p_scales), ptr<uint8_t>(p_zeros));
+        });
+  m.def("int4_linear",
+        [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t p_codes,
+           uintptr_t p_scales, uintptr_t p_zeros, int64_t N, int64_t g, uintptr_t bias,
+           uintptr_t out, int64_t ldo, int mode, int nthreads) {
+          py::gil_scoped_release nogil;
+          lathe::int4_linear(ptr<const void>(x), dtype, M, K, ldx, ptr<const uint8_t>(p_codes),
+                             ptr<const float>(p_scales), ptr<const uint8_t>(p_zeros), N, g,
+                             ptr<const float>(bias), ptr<void>(out), ldo, mode, nthreads);
+        });
+
+  m.def(
+      "attention_fwd",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int64_t B, int64_t Hq, int64_t Hkv,
+         int64_t Sq, int64_t Sk, int64_t D, py::sequence q_strides, py::sequence k_strides,
+         py::sequence v_strides, py::sequence out_strides, int dtype, uintptr_t mask,
+         int64_t mask_stride, bool causal, double scale, int nthreads) {
+        lathe::AttentionArgs a;
+        a.q = ptr<const void>(q);
+        a.k = ptr<const void>(k);
+        a.v = ptr<const void>(v);
+        a.out = ptr<void>(out);
+        a.B = B, a.Hq = Hq, a.Hkv = Hkv, a.Sq = Sq, a.Sk = Sk, a.D = D;
+        const struct {
+          const char* name;
+          py::sequence* seq;
+          int64_t* dst;
+        } views[] = {{"q", &q_strides, a.q_strides}, {"k", &k_strides, a.k_strides},
+                     {"v", &v_strides, a.v_strides}, {"out", &out_strides, a.out_strides}};
+        for (const auto& vw : views) {
+          if (py::len(*vw.seq) != 4)
+            throw std::invalid_argument(std::string("attention: ") + vw.name + " strides must have 4 entries, got " +
+                                        std::to_string(py::len(*vw.seq)));
+          for (int i = 0; i < 4; ++i) vw.dst[i] = (*vw.seq)[i].cast<int64_t>();
+        }
+        a.dtype = dtype;
+        a.mask = ptr<const uint8_t>(mask);
+        a.mask_stride = mask_stride;
+        a.causal = causal;
+        a.scale = static_cast<float>(scale);
+        a.nthreads = nthreads;
+        py::gil_scoped_release nogil;
+        lathe::attention_fwd(a);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("B"), py::arg("Hq"),
+      py::arg("Hkv"), py::arg("Sq"), py::arg("Sk"), py::arg("D"), py::arg("q_strides"),
+      py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"), py::arg("dtype"),
+      py::arg("mask"), py::arg("mask_stride"), py::arg("causal"), py::arg("scale"),
+      py::arg("nthreads"),
+      "Fused attention forward: q [B,Hq,Sq,D], k/v [B,Hkv,Sk,D], out [B,Hq,Sq,D] given by "
+      "pointers and element strides; dtype 0 fp32, 1 bf16; mask uint8 [B,Sk] or 0.");
 }
