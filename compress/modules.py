@@ -182,6 +182,11 @@ class QLinearW4A16(nn.Module):
         from lathe.kernels.dispatch import backend_for
         dev = self.qweight.device
         self.backend = None if dev.type == "meta" else backend_for("linear_w4a16", dev)
+        self._packed = None  # derived state, never saved
+        if self.backend == "cpu":
+            from lathe.kernels import cpu_int4
+            p = cpu_int4.int4_pack(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+            self._packed = [p["codes"], p["scales"], p["zeros"]]
         return self
 
     def dequantize(self) -> torch.Tensor:
@@ -196,8 +201,9 @@ class QLinearW4A16(nn.Module):
     def forward(self, x):
         if self.smooth is not None:
             x = x * self.smooth.to(x.dtype)
+        packed = None if torch.compiler.is_exporting() else getattr(self, "_packed", None)
         return torch.ops.lathe.linear_w4a16(x, self.qweight, self.scales, self.zeros,
-                                            self.group_size, self.bias)
+                                            self.group_size, self.bias, *(packed or (None, None, None)))
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -17,8 +17,8 @@ from lathe import _ext
 # op -> device type -> ordered candidates. "reference" is always last and always available.
 CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
     "linear_w8a8": {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
-    "linear_w4a16": {"cpu": ("reference",), "cuda": ("cuda", "triton", "reference")},
-    "attention": {"cpu": ("sdpa", "reference"), "cuda": ("triton", "sdpa", "reference")},
+    "linear_w4a16": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
+    "attention": {"cpu": ("cpu", "sdpa", "reference"), "cuda": ("triton", "sdpa", "reference")},
 }
 
 _local = threading.local()

@@ -52,9 +52,20 @@ def _(x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum):
 
 @torch.library.custom_op("lathe::linear_w4a16", mutates_args=())
 def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Weight-only int4 (lathe int4 format, see lathe.compress.formats.Int4Group)."""
+                 zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor],
+                 p_codes: Optional[torch.Tensor] = None, p_scales: Optional[torch.Tensor] = None,
+                 p_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weight-only int4 (lathe int4 format, see lathe.compress.formats.Int4Group). p_* are the
+    CPU kernel's layout (lathe.kernels.cpu_int4.int4_pack), made once at load time."""
     backend = backend_for("linear_w4a16", x.device)
+    if backend == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        from lathe.kernels import cpu_int4
+        K = x.shape[-1]
+        if p_codes is None:
+            p = cpu_int4.int4_pack(qweight, scales, zeros, group_size, K)
+        else:
+            p = {"codes": p_codes, "scales": p_scales, "zeros": p_zeros}
+        return cpu_int4.int4_linear(x, p, qweight.shape[0], K, group_size, bias)
     if backend == "cuda" and x.shape[:-1].numel() <= 16:
         from lathe.kernels.cuda_ops import w4a16_linear
         return w4a16_linear(x, qweight, scales, zeros, group_size, bias)
@@ -65,7 +76,7 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 @linear_w4a16.register_fake
-def _(x, qweight, scales, zeros, group_size, bias):
+def _(x, qweight, scales, zeros, group_size, bias, p_codes=None, p_scales=None, p_zeros=None):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -82,6 +93,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if backend == "triton":
         from lathe.kernels.gpu import triton_attention
         return triton_attention(q, k, v, key_padding_mask, causal, scale)
+    if backend == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
+        from lathe.kernels import cpu_attention
+        return cpu_attention.attention(q, k, v, key_padding_mask, causal, scale)
     if backend == "sdpa":
         return _sdpa(q, k, v, key_padding_mask, causal, scale)
     return reference.attention(q, k, v, causal, key_padding_mask, scale)
