@@ -1,4 +1,6 @@
 """`lathe bench kernels`: lathe's CPU kernels against their anchors, measured in the same run.
+int8 GEMM vs onnxruntime MatMulInteger / torch._int_mm, int4 GEMM vs onnxruntime MatMulNBits
+(accuracy_level 4), fused attention vs torch SDPA (fp32 and bf16).
 
 int8 GEMM: lathe's W8A8 linear (per-token activation quantization included) against the
 faster of onnxruntime MatMulInteger (u8 x s8, MLAS; activations already quantized) and
@@ -123,6 +125,25 @@ def main(argv=None) -> int:
         return 130
     print(file=sys.stderr)
     print(table(recs, peak))
+    print()
+    # int4 weight-only vs onnxruntime MatMulNBits, and attention vs torch SDPA: their own
+    # harnesses (alternating blocks of reps so neither runtime's spinning threads are timed).
+    from lathe.kernels import bench_cpu_attention, bench_cpu_int4
+
+    int4_rows = bench_cpu_int4.main(["--quick"] if a.quick else []) or []
+    for r in int4_rows:
+        for backend, key in (("lathe", "lathe_ms"), ("onnxruntime MatMulNBits", "ort_ms"), ("torch fp32", "torch_ms")):
+            recs.append({"op": "int4_gemm", "backend": backend, "M": r["M"], "K": r["K"], "N": r["N"],
+                         "block": r["block"], "median_ms": r[key],
+                         "gops": 2.0 * r["M"] * r["K"] * r["N"] / r[key] / 1e6,
+                         **({"ratio_vs_best_anchor": r["ort_ms"] / r["lathe_ms"]} if backend == "lathe" else {})})
+    print()
+    att_rows = bench_cpu_attention.run(reps=10 if a.quick else 30, budget_s=1.0 if a.quick else 3.0)
+    print(bench_cpu_attention.format_table(att_rows))
+    for name, dt, tl, ts, ratio, _, n in att_rows:
+        recs.append({"op": "attention", "backend": "lathe", "shape": name, "dtype": dt, "median_ms": tl,
+                     "ratio_vs_best_anchor": ratio, "n": n})
+        recs.append({"op": "attention", "backend": "torch sdpa", "shape": name, "dtype": dt, "median_ms": ts, "n": n})
     if a.json:
         from pathlib import Path
 
