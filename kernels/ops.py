@@ -92,18 +92,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     backend = backend_for("attention", q.device)
     if backend == "triton":
         from lathe.kernels.gpu import triton_attention
-        return triton_attention(q, k, v, key_padding_mask, causal, scale)
+        return triton_attention(q, k, v, key_padding_mask, causal, scale).contiguous()
     if backend == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
         from lathe.kernels import cpu_attention
         return cpu_attention.attention(q, k, v, key_padding_mask, causal, scale)
     if backend == "sdpa":
-        return _sdpa(q, k, v, key_padding_mask, causal, scale)
-    return reference.attention(q, k, v, causal, key_padding_mask, scale)
+        return _sdpa(q, k, v, key_padding_mask, causal, scale).contiguous()
+    return reference.attention(q, k, v, causal, key_padding_mask, scale).contiguous()
 
 
 @attention.register_fake
 def _(q, k, v, key_padding_mask, causal, scale):
-    return torch.empty_like(q)
+    # Every backend returns a new contiguous tensor, whatever the strides of q (the
+    # compiler checks the real strides against these).
+    return q.new_empty(q.shape)
 
 
 def _sdpa(q, k, v, key_padding_mask, causal, scale):
