@@ -51,6 +51,17 @@ def _gelu(y):
     return op.Mul(op.Mul(y, _c(0.5)), op.Add(_c(1.0), op.Erf(op.Mul(y, _c(0.7071067811865476)))))
 
 
+def _epilogue(y, bias, act: str):
+    """The kernel epilogue after dequantization: bias, then the fused activation."""
+    if bias is not None:
+        y = op.Add(y, bias)
+    if act == "gelu":
+        return _gelu(y)
+    if act == "silu":
+        return op.Mul(y, op.Sigmoid(y))
+    return y
+
+
 def linear_w8a8_ort(x, w_q, w_scale, bias=None, act: str = "none", smooth=None,
                     asym: bool = False, w_packed=None, colsum=None):
     if smooth is not None:
@@ -72,14 +83,7 @@ def linear_w8a8_ort(x, w_q, w_scale, bias=None, act: str = "none", smooth=None,
     acc = op.MatMulInteger(op.Cast(q, to=UINT8), op.Transpose(w_q, perm=[1, 0]))
     wsum = op.ReduceSum(op.Cast(w_q, to=INT32), _c([1], torch.int64), keepdims=0)
     acc = op.Sub(acc, op.Mul(op.Cast(zp, to=INT32), wsum))
-    y = op.Mul(op.Mul(op.Cast(acc, to=FLOAT), s), w_scale)
-    if bias is not None:
-        y = op.Add(y, bias)
-    if act == "gelu":
-        y = _gelu(y)
-    elif act == "silu":
-        y = op.Mul(y, op.Sigmoid(y))
-    return y
+    return _epilogue(op.Mul(op.Mul(op.Cast(acc, to=FLOAT), s), w_scale), bias, act)
 
 
 def attention_opset23(q, k, v, key_padding_mask=None, causal: bool = False, scale: float | None = None):
@@ -138,14 +142,7 @@ def make_linear_w8a8_qdq(act_scales: dict | None):
             zp = _c(0, torch.int8)
             xdq = op.DequantizeLinear(op.QuantizeLinear(x, s_x, zp), s_x, zp)
         wdq = op.DequantizeLinear(w_q, w_scale, axis=0)  # int8 weight: zero point 0 by default
-        y = op.MatMul(xdq, op.Transpose(wdq, perm=[1, 0]))
-        if bias is not None:
-            y = op.Add(y, bias)
-        if act == "gelu":
-            y = _gelu(y)
-        elif act == "silu":
-            y = op.Mul(y, op.Sigmoid(y))
-        return y
+        return _epilogue(op.MatMul(xdq, op.Transpose(wdq, perm=[1, 0])), bias, act)
 
     return linear_w8a8_qdq
 
