@@ -267,7 +267,7 @@ def test_kernel_validates_before_touching_memory():
         call(k_strides=[1, 1, 1, 2])
     with pytest.raises(ValueError, match="strides must have 4 entries"):
         call(q_strides=[1, 1, 1])
-    with pytest.raises(ValueError, match="scale nan is not finite"):
+    with pytest.raises(ValueError, match="scale -?nan is not finite"):
         call(scale=float("nan"))
     with pytest.raises(ValueError, match="null q or out pointer"):
         call()

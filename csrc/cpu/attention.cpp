@@ -546,19 +546,46 @@ void combine(const Prob& P, const Plan& L, int nthreads) {
   }
 }
 
+// Working memory of one call: per-thread scratch, key-split partials, the fp32 copy of bf16
+// K/V. It is kept per calling thread between calls (up to kKeepFloats): a fresh multi-MB
+// allocation would be page-faulted in again on every call, by all threads at once.
+constexpr int64_t kKeepFloats = int64_t{16} << 20;  // 64 MiB
+
+float* call_arena(int64_t nfloats, std::unique_ptr<float[]>& temp) {
+  thread_local std::unique_ptr<float[]> kept;
+  thread_local int64_t kept_n = 0;
+  const int64_t n = nfloats + 16;  // room to align to 64 bytes
+  float* p;
+  if (n <= kept_n) {
+    p = kept.get();
+  } else if (n <= kKeepFloats) {
+    kept.reset(new float[n]);
+    kept_n = n;
+    p = kept.get();
+  } else {
+    temp.reset(new float[n]);
+    p = temp.get();
+  }
+  return reinterpret_cast<float*>(round_up(reinterpret_cast<int64_t>(p), 64));
+}
+
 void run_simd(const Prob& P0, const Body& body, int nthreads) {
   Prob P = P0;
   Plan L = make_plan(P, body, nthreads);
-  // bf16 K/V read by several row blocks: convert them to fp32 once (a bandwidth-bound pass)
-  // instead of once per block and tile.
-  std::unique_ptr<float[]> kv32;
-  if (P.kv_bf16 && L.ngroups > 1 && P.Sk > 0) {
-    const int64_t nrow = P.B * P.Hkv * P.Sk;
-    kv32.reset(new float[2 * nrow * P.D]);
-    float* k32 = kv32.get();
-    float* v32 = k32 + nrow * P.D;
+  // bf16 K/V read by several row blocks are converted to fp32 once (a bandwidth-bound pass),
+  // not once per block and tile.
+  const bool widen = P.kv_bf16 && L.ngroups > 1 && P.Sk > 0;
+  const int64_t nkv = widen ? P.B * P.Hkv * P.Sk * P.D : 0;
+  const int64_t per = round_up(body.scratch_floats(P, L.decode), 16);
+  const int64_t npart = L.nsplit > 1 ? L.ntasks * L.RB : 0;
+  std::unique_ptr<float[]> temp;
+  float* base = call_arena(per * nthreads + round_up(npart * (P.Dp + 2), 16) + 2 * nkv, temp);
+  float* part = base + per * nthreads;
+  float* k32 = part + round_up(npart * (P.Dp + 2), 16);
+  if (widen) {
+    float* v32 = k32 + nkv;
     const int64_t per_head = ceil_div(P.Sk, 256), nchunk = P.B * P.Hkv * per_head;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nrow * P.D > 65536)
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nkv > 65536)
     for (int64_t c = 0; c < nchunk; ++c) {
       const int64_t j0 = (c % per_head) * 256, bg = c / per_head;
       body.convert_kv(P, bg / P.Hkv, bg % P.Hkv, j0, std::min(P.Sk, j0 + 256), k32, v32);
@@ -570,15 +597,9 @@ void run_simd(const Prob& P0, const Body& body, int nthreads) {
     std::copy(st, st + 4, P.sv);
     P.kv_bf16 = false;
   }
-  const int64_t per = round_up(body.scratch_floats(P, L.decode), 16);
-  std::unique_ptr<float[]> scratch(new float[per * nthreads + 16]);
-  float* base = reinterpret_cast<float*>(round_up(reinterpret_cast<int64_t>(scratch.get()), 64));
-  std::unique_ptr<float[]> part;
   if (L.nsplit > 1) {
-    const int64_t nrow = L.ntasks * L.RB;
-    part.reset(new float[nrow * (P.Dp + 2)]);
-    L.part_o = part.get();
-    L.part_ml = part.get() + nrow * P.Dp;
+    L.part_o = part;
+    L.part_ml = part + npart * P.Dp;
   }
   const int64_t ntasks = L.ntasks;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (ntasks > 1)
