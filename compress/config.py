@@ -40,7 +40,25 @@ def register_handler(config_type: type):
     return deco
 
 
+# Modules that define further configs and register them (and their handlers) on import. Loaded
+# lazily so `import lathe.compress.config` stays light.
+PLUGINS = ("lathe.compress.quantize", "lathe.compress.prune", "lathe.compress.lowrank",
+           "lathe.compress.distill")
+
+
+def ensure_registered():
+    import importlib
+
+    for mod in PLUGINS:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a real missing dependency inside the plugin: say so
+                raise
+
+
 def config_from_dict(d: dict, where: str = "step"):
+    ensure_registered()
     if not isinstance(d, dict) or "method" not in d:
         raise BadInput(f"{where}: each step needs a 'method' (one of {sorted(CONFIGS)})")
     method = d["method"]

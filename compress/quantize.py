@@ -12,15 +12,21 @@ from lathe.compress.modules import QLinearW8A8
 from lathe.errors import BadInput
 
 
-def quantize(model: nn.Module, config, calib=None, progress=None) -> dict:
-    """Quantize `model` in place as `config` says; returns a report of what was done.
+def quantize(model: nn.Module, config, calib=None, progress=None, ctx=None) -> dict:
+    """Apply `config` to `model` in place (quantize, prune, distill, low-rank: any registered
+    step); returns a report of what was done.
 
     calib: a list of input dicts (model(**batch)) for methods that calibrate.
+    ctx: a StepContext (lathe.compress.context) with what a recipe run shares between steps
+    (the source, a teacher, a work folder); None outside a recipe.
     """
+    from lathe.compress.config import ensure_registered
+
+    ensure_registered()
     handler = HANDLERS.get(type(config))
     if handler is None:
         raise BadInput(f"no handler for config type {type(config).__name__}")
-    return handler(model, config, calib, progress)
+    return handler(model, config, calib, progress, ctx)
 
 
 def _set_module(model, name, new):
@@ -36,7 +42,7 @@ def _groups(model):
 
 
 @register_handler(Int8Config)
-def _int8(model, cfg: Int8Config, calib, progress):
+def _int8(model, cfg: Int8Config, calib, progress, ctx=None):
     groups = _groups(model)
     modules = dict(model.named_modules())
     skipped, done = [], []

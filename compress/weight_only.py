@@ -307,7 +307,7 @@ def _standin(q: QLinearW4A16) -> nn.Linear:
 
 
 @register_handler(Int4Config)
-def _int4(model, cfg: Int4Config, calib, progress):
+def _int4(model, cfg: Int4Config, calib, progress, ctx=None):
     t0, rss0 = time.perf_counter(), _rss_mb()
     fmt = Int4Group(cfg.group_size, cfg.symmetric)
     groups, skipped = select_linears(model, cfg.skip, cfg.group_size)
@@ -355,7 +355,7 @@ def _int4(model, cfg: Int4Config, calib, progress):
 
 
 def _rtn_handler(method: str, make):
-    def handler(model, cfg, calib, progress):
+    def handler(model, cfg, calib, progress, ctx=None):
         t0 = time.perf_counter()
         groups, skipped = select_linears(model, cfg.skip, getattr(cfg, "group_size", None))
         done = []

@@ -14,8 +14,17 @@ def calibration_batches(src_path, calib_file=None, n: int = 128, batch_size: int
     return text.batches(tok, texts, batch_size=batch_size, seq_len=128)
 
 
+def work_dir_for(out: Path) -> Path:
+    """Where a run keeps state that lets it resume (distillation checkpoints): beside the
+    output, named after it, removed once the output is complete."""
+    return out.parent / f".{out.name}.work"
+
+
 def compress_checkpoint(src, recipe, out, calib=None, progress=None) -> Path:
+    import shutil
+
     from lathe.compress.checkpoint import build_model, save
+    from lathe.compress.context import StepContext
     from lathe.compress.quantize import quantize
     from lathe.compress.recipes import Recipe, load_recipe
     from lathe.source import open_source, writable_parent
@@ -30,5 +39,8 @@ def compress_checkpoint(src, recipe, out, calib=None, progress=None) -> Path:
     model = build_model(source)
     batches = calib if calib is not None and not isinstance(calib, (str, Path)) else \
         calibration_batches(source.path, calib)
-    reports = [quantize(model, step, batches, progress) for step in rec.steps]
-    return save(model, source, out, rec.to_dict(), {"steps": reports})
+    ctx = StepContext(source=source, calib=batches, progress=progress, work_dir=work_dir_for(out))
+    reports = [quantize(model, step, batches, progress, ctx) for step in rec.steps]
+    result = save(model, source, out, rec.to_dict(), {"steps": reports})
+    shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    return result
