@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lathe.errors import BadInput
 
-ALL = ("torch", "compile", "lathe", "onnxruntime", "ort-int8", "lathe-onnx")
+ALL = ("torch", "compile", "lathe", "lathe-fp32", "onnxruntime", "ort-int8", "lathe-onnx")
 DEFAULT = ("torch", "lathe", "onnxruntime", "ort-int8", "lathe-onnx")
 REFERENCE = "torch fp32"
 
@@ -51,6 +51,8 @@ def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128,
         specs.append(Spec("torch", str(src.path), REFERENCE, device))
     if "compile" in backends:
         specs.append(Spec("compile", str(tgt.path), f"torch.compile {name}", device))
+    if "lathe-fp32" in backends and tgt.is_compressed:  # the uncompressed model on lathe's kernels
+        specs.append(Spec("lathe", str(src.path), "lathe fp32 (uncompressed)", device))
     if "lathe" in backends:
         specs.append(Spec("lathe", str(tgt.path), name, device))
     if "onnxruntime" in backends or "ort-int8" in backends:

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                                   "`compare` or `kernels`")
     b.add_argument("rest", nargs="*", help="with `compare`: A.json B.json")
     b.add_argument("--backend", default=None,
-                   help="comma-separated: torch,compile,lathe,onnxruntime,ort-int8,lathe-onnx")
+                   help="comma-separated: torch,compile,lathe,lathe-fp32,onnxruntime,ort-int8,lathe-onnx")
     b.add_argument("--batch", type=_ints, default=[1, 8])
     b.add_argument("--seq", type=int, default=128)
     b.add_argument("--min-runs", type=int, default=100)
