@@ -1,6 +1,7 @@
 """`lathe bench kernels`: lathe's CPU kernels against their anchors, measured in the same run.
 int8 GEMM vs onnxruntime MatMulInteger / torch._int_mm, int4 GEMM vs onnxruntime MatMulNBits
-(accuracy_level 4), fused attention vs torch SDPA (fp32 and bf16).
+(accuracy_level 4), int8 weight-only (W8A16) GEMM vs torch fp32 / onnxruntime, fused attention vs
+torch SDPA (fp32 and bf16).
 
 int8 GEMM: lathe's W8A8 linear (per-token activation quantization included) against the
 faster of onnxruntime MatMulInteger (u8 x s8, MLAS; activations already quantized) and
@@ -84,6 +85,128 @@ def bench_int8(shapes=INT8_SHAPES, min_seconds: float = 0.3, progress=None) -> l
     return recs
 
 
+# ----------------------------------------------------------------------------- W8A16
+# MiniLM's FFN (in, out) and a 7B-class decoder projection; M = decode (1), small batch,
+# prefill-sized.
+W8A16_SHAPES = [(384, 1536), (1536, 384), (4096, 4096)]
+W8A16_MS = (1, 16, 128, 1024)
+
+
+def _ort_session(nodes, inits, K: int, N: int, domains=("",)):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(nodes, "w8a16", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid(d, 17 if d == "" else 1) for d in domains])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _ort_matmul_fp32(w):
+    """MatMul with the dequantized fp32 weight as an initializer (ORT's fp32 MLAS GEMM)."""
+    from onnx import TensorProto, helper
+
+    N, K = w.shape
+    b = helper.make_tensor("B", TensorProto.FLOAT, [K, N], w.t().contiguous().numpy().tobytes(), raw=True)
+    return _ort_session([helper.make_node("MatMul", ["A", "B"], ["Y"])], [b], K, N)
+
+
+def _ort_matmulnbits8(q, scales):
+    """com.microsoft MatMulNBits with bits=8 (u8 codes = q + 128, its default zero point), the
+    per-channel scale repeated over blocks; accuracy_level=4 quantizes the activations to int8
+    (different numerics from lathe's fp32 activations: an anchor for speed, not accuracy)."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    N, K = q.shape
+    block = 128 if K % 128 == 0 else 32
+    kb = -(-K // block)
+    codes = np.full((N, kb * block), 128, np.uint8)
+    codes[:, :K] = (q.numpy().astype(np.int16) + 128).astype(np.uint8)
+    sc = np.repeat(scales.numpy().astype(np.float32).reshape(N, 1), kb, axis=1)
+    inits = [helper.make_tensor("B", TensorProto.UINT8, [N, kb, block], codes.tobytes(), raw=True),
+             helper.make_tensor("scales", TensorProto.FLOAT, [N * kb], sc.tobytes(), raw=True)]
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=K, N=N,
+                            bits=8, block_size=block, accuracy_level=4)
+    return _ort_session([node], inits, K, N, domains=("", "com.microsoft"))
+
+
+def _interleaved_ms(fns: dict, reps: int, rounds: int = 3, pause_s: float = 0.05) -> dict:
+    """Median ms of each fn, timed in blocks of reps, round by round (as bench_cpu_int4: noise
+    hits every backend alike, and a short pause lets the other runtime's spinning threads
+    go idle before a block)."""
+    import statistics
+
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(pause_s)
+            fn()
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def bench_w8a16(shapes=W8A16_SHAPES, ms=W8A16_MS, progress=None) -> list[dict]:
+    """lathe's W8A16 kernel vs torch fp32 F.linear on the dequantized weight, onnxruntime fp32
+    MatMul and onnxruntime MatMulNBits 8-bit. Records as bench_int8, plus weight_gbs (weight
+    bytes read per second: int8 + scales for lathe and MatMulNBits, fp32 for the others) and,
+    for lathe, ratio_vs_torch_fp32 and ratio_vs_best_anchor."""
+    import torch.nn.functional as F
+
+    from lathe.kernels.cpu_w8a16 import w8a16_linear, w8a16_pack
+    from lathe.kernels.reference import dequant_int8
+
+    recs, cases = [], [(K, N, M) for K, N in shapes for M in ms]
+    for i, (K, N) in enumerate(shapes):
+        g = torch.Generator().manual_seed(i)
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+        s = torch.rand(N, 1, generator=g) * 0.02 + 1e-3
+        packed, w = w8a16_pack(q, s, 0), dequant_int8(q, s).contiguous()
+        ort32, ort8 = _ort_matmul_fp32(w), _ort_matmulnbits8(q, s)
+        wbytes = {"lathe": N * K + 4 * N, "onnxruntime MatMulNBits 8-bit": N * K + 4 * N}
+        for M in ms:
+            x = torch.randn(M, K, generator=g)
+            xn = x.numpy()
+            fns = {"lathe": lambda: w8a16_linear(x, packed, N, 0),
+                   "torch fp32": lambda: F.linear(x, w),
+                   "onnxruntime MatMul fp32": lambda: ort32.run(None, {"A": xn}),
+                   "onnxruntime MatMulNBits 8-bit": lambda: ort8.run(None, {"A": xn})}
+            res = _interleaved_ms(fns, reps=max(3, min(50, int(2e8 / (M * K * N)))))
+            shape_recs = [{"op": "w8a16_gemm", "backend": b, "M": M, "K": K, "N": N, "median_ms": ms_,
+                           "gops": 2.0 * M * K * N / ms_ / 1e6,
+                           "weight_gbs": wbytes.get(b, 4 * N * K) / ms_ / 1e6} for b, ms_ in res.items()]
+            lt = shape_recs[0]
+            lt["ratio_vs_torch_fp32"] = res["torch fp32"] / res["lathe"]
+            lt["ratio_vs_best_anchor"] = min(v for b, v in res.items() if b != "lathe") / res["lathe"]
+            recs += shape_recs
+            if progress:
+                progress(len(recs) // len(fns), len(cases))
+        del ort32, ort8
+    return recs
+
+
+def w8a16_table(recs: list[dict]) -> str:
+    by = {}
+    for r in recs:
+        by.setdefault((r["M"], r["K"], r["N"]), {})[r["backend"]] = r
+    names = ["lathe", "torch fp32", "onnxruntime MatMul fp32", "onnxruntime MatMulNBits 8-bit"]
+    lines = [f"W8A16 GEMM (ms; lathe's speed-up over each; GB/s of weights read at M=1, threads={torch.get_num_threads()})",
+             f"{'M':>5} {'K':>5} {'N':>5}  {'lathe':>8} {'torch32':>8} {'ort32':>8} {'ortNB8':>8}  "
+             f"{'x torch32':>9} {'x ort32':>8} {'x ortNB8':>8}  {'GB/s lathe':>10} {'torch32':>8}"]
+    for (M, K, N), rs in by.items():
+        t = [rs[n]["median_ms"] for n in names]
+        gbs = f"{rs['lathe']['weight_gbs']:10.1f} {rs['torch fp32']['weight_gbs']:8.1f}" if M == 1 else ""
+        lines.append(f"{M:5d} {K:5d} {N:5d}  {t[0]:8.3f} {t[1]:8.3f} {t[2]:8.3f} {t[3]:8.3f}  "
+                     f"{t[1] / t[0]:8.2f}x {t[2] / t[0]:7.2f}x {t[3] / t[0]:7.2f}x  {gbs}")
+    return "\n".join(lines)
+
+
 def table(recs: list[dict], peak: float | None) -> str:
     lines = [f"{'op':10} {'M':>5} {'K':>5} {'N':>6}  {'lathe GOP/s':>11}  {'best anchor':>26}  {'anchor GOP/s':>12}  {'ratio':>6}  {'% peak':>6}"]
     by = {}
@@ -125,6 +248,16 @@ def main(argv=None) -> int:
         return 130
     print(file=sys.stderr)
     print(table(recs, peak))
+    print()
+    try:
+        w8 = bench_w8a16(W8A16_SHAPES[:2] if a.quick else W8A16_SHAPES, W8A16_MS[:3] if a.quick else W8A16_MS,
+                         progress=lambda i, n: print(f"\rw8a16 gemm {i}/{n}", end="", file=sys.stderr))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    print(file=sys.stderr)
+    print(w8a16_table(w8))
+    recs += w8
     print()
     # int4 weight-only vs onnxruntime MatMulNBits, and attention vs torch SDPA: their own
     # harnesses (alternating blocks of reps so neither runtime's spinning threads are timed).

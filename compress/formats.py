@@ -100,7 +100,7 @@ class Int8WeightOnly:
 
     group_size: int | None = None
     name: str = "int8_weight_only"
-    op: str = "linear_w8a16"  # no torch.ops.lathe op yet: QLinearW8A16 runs the reference
+    op: str = "linear_w8a16"
 
     def quantize(self, w: torch.Tensor):
         w = w.detach().float()
@@ -138,7 +138,7 @@ class FP8E4M3:
     granularity: str = "per_channel"
     act_granularity: str = "per_token"
     name: str = "fp8_e4m3"
-    op: str = "fp8_linear"  # Triton on sm_89+; on CPU QLinearFP8 simulates it
+    op: str = "linear_fp8"  # Triton on sm_89+; elsewhere the op's reference simulates it
 
     def quantize(self, w: torch.Tensor):
         w = w.detach().float()

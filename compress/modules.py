@@ -99,9 +99,16 @@ class QLinearW8A8(nn.Module):
 QUANT_MODULES = {"QLinearW8A8": QLinearW8A8}
 
 
+def register_module(cls):
+    """Let checkpoints record and rebuild `cls` (a module with manifest_args(); e.g. the
+    low-rank factorised Linear of lathe.compress.lowrank)."""
+    QUANT_MODULES[cls.__name__] = cls
+    return cls
+
+
 # ----------------------------------------------------------------------------- weight-only
 
-from lathe.compress.formats import FP8E4M3, FP8_E4M3_MAX, Int4Group, Int8WeightOnly  # noqa: E402
+from lathe.compress.formats import FP8E4M3, Int4Group, Int8WeightOnly  # noqa: E402
 
 
 class QLinearW4A16(nn.Module):
@@ -216,13 +223,8 @@ class QLinearW8A16(nn.Module):
     along K) and fp activations (lathe.compress.formats.Int8WeightOnly).
 
     Buffers: qweight int8 [N, K], scales fp32 [N, G] (G = 1 per channel, K/g per group),
-    bias fp32 [N] (optional).
-
-    REFERENCE PATH: there is no torch.ops.lathe.linear_w8a16 op yet (kernels/ops.py is not
-    part of this module's work), so forward dequantizes and multiplies in plain PyTorch on every
-    device. The Triton kernel for this exact layout exists
-    (lathe/kernels/triton_kernels/qmatmul.py `w8a16_linear`); once an op wraps it, forward
-    should call torch.ops.lathe.linear_w8a16 like the other modules.
+    bias fp32 [N] (optional). forward = torch.ops.lathe.linear_w8a16: the C++ kernel on CPU
+    (int8 weights widened in registers), Triton `w8a16_linear` on CUDA.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -236,6 +238,7 @@ class QLinearW8A16(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, G, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._packed = None  # the CPU kernel's layout: derived state, made by prepare(), never saved
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, name: str = "linear", group_size: int | None = None):
@@ -250,7 +253,14 @@ class QLinearW8A16(nn.Module):
         return m.prepare()
 
     def prepare(self):
-        return self  # nothing to pack: the reference path reads the canonical buffers
+        """Pack the weight for the CPU kernel (once, at load time) when the dispatcher picks it."""
+        from lathe.kernels.dispatch import backend_for
+        dev = self.qweight.device
+        self._packed = None
+        if dev.type == "cpu" and backend_for("linear_w8a16", dev) == "cpu":
+            from lathe.kernels.cpu_w8a16 import w8a16_pack
+            self._packed = w8a16_pack(self.qweight, self.scales, self.group_size or 0)
+        return self
 
     def dequantize(self) -> torch.Tensor:
         return self.format.dequantize(self.qweight, self.scales)
@@ -260,10 +270,9 @@ class QLinearW8A16(nn.Module):
                 "bias": self.bias is not None, "group_size": self.group_size}
 
     def forward(self, x):
-        # Reference dequant-matmul (see the class docstring): fp32 math, output in x's dtype.
-        w = self.dequantize()
-        y = torch.nn.functional.linear(x.float(), w, None if self.bias is None else self.bias.float())
-        return y.to(x.dtype)
+        packed = None if torch.compiler.is_exporting() else self._packed
+        return torch.ops.lathe.linear_w8a16(x, self.qweight, self.scales, self.bias,
+                                            self.group_size or 0, packed)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -277,11 +286,12 @@ class QLinearFP8(nn.Module):
     tensor), bias fp32 [N] (optional). Activations are quantized at run time, scale =
     amax / 448 per token (row) or per tensor.
 
-    This forward is the REFERENCE simulation, on every device: x is quantized to
-    torch.float8_e4m3fn and back in PyTorch, then multiplied in fp32 with the dequantized
-    weight; it shows the accuracy of FP8, not its speed. Real FP8 kernels need an sm_89+ GPU
-    (Ada, Hopper) and run through the Triton path, lathe/kernels/triton_kernels/qmatmul.py
-    `fp8_linear` (fp8 x fp8 -> fp32 accumulation), which takes exactly these buffers.
+    forward = torch.ops.lathe.linear_fp8. On an sm_89+ GPU (Ada, Hopper) it runs the Triton
+    kernel lathe/kernels/triton_kernels/qmatmul.py `fp8_linear` (fp8 x fp8 -> fp32
+    accumulation), which takes exactly these buffers. On the CPU (no FP8 units) and older GPUs
+    it is the reference simulation: x is quantized to torch.float8_e4m3fn and back in PyTorch,
+    then multiplied in fp32 with the dequantized weight; it shows the accuracy of FP8, not its
+    speed.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -317,14 +327,8 @@ class QLinearFP8(nn.Module):
                 "act_granularity": self.act_granularity}
 
     def forward(self, x):
-        xf = x.float()
-        amax = xf.abs().amax(dim=-1, keepdim=True) if self.act_granularity == "per_token" else xf.abs().amax()
-        sx = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
-        xq = (xf / sx).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        y = (xq.float() @ self.weight.float().t()) * sx * self.weight_scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
+        return torch.ops.lathe.linear_fp8(x, self.weight, self.weight_scale, self.bias,
+                                          self.act_granularity)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -7,6 +7,7 @@
 #include "cpu/int8_gemm.h"
 #include "cpu/int4_gemm.h"
 #include "cpu/isa.h"
+#include "cpu/w8a16_gemm.h"
 
 namespace py = pybind11;
 using lathe::check;
@@ -83,6 +84,24 @@ PYBIND11_MODULE(_C, m) {
           lathe::int4_linear(ptr<const void>(x), dtype, M, K, ldx, ptr<const uint8_t>(p_codes),
                              ptr<const float>(p_scales), ptr<const uint8_t>(p_zeros), N, g,
                              ptr<const float>(bias), ptr<void>(out), ldo, mode, nthreads);
+        });
+
+  // int8 weight-only GEMM (csrc/cpu/w8a16_gemm.h): pack once, then w8a16_linear.
+  m.def("w8a16_scale_offset", &lathe::w8a16_scale_offset);
+  m.def("w8a16_packed_bytes", &lathe::w8a16_packed_bytes);
+  m.def("w8a16_pack",
+        [](uintptr_t qweight, int64_t ldq, uintptr_t scales, int64_t lds, int64_t N, int64_t K,
+           int64_t g, uintptr_t packed) {
+          py::gil_scoped_release nogil;
+          lathe::w8a16_pack(ptr<const int8_t>(qweight), ldq, ptr<const float>(scales), lds, N, K, g,
+                            ptr<uint8_t>(packed));
+        });
+  m.def("w8a16_linear",
+        [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, int64_t N,
+           int64_t g, uintptr_t bias, uintptr_t out, int64_t ldo, int nthreads) {
+          py::gil_scoped_release nogil;
+          lathe::w8a16_linear(ptr<const void>(x), dtype, M, K, ldx, ptr<const uint8_t>(packed), N, g,
+                              ptr<const float>(bias), ptr<void>(out), ldo, nthreads);
         });
 
   m.def(

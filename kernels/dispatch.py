@@ -18,6 +18,9 @@ from lathe import _ext
 CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
     "linear_w8a8": {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
     "linear_w4a16": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
+    "linear_w8a16": {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
+    # no CPU FP8 units: the reference simulates it; Triton needs sm_89+ (checked by the op)
+    "linear_fp8": {"cpu": ("reference",), "cuda": ("triton", "reference")},
     "attention": {"cpu": ("cpu", "sdpa", "reference"), "cuda": ("triton", "sdpa", "reference")},
 }
 

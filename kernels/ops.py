@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lathe.kernels import cpu, reference
+from lathe.errors import BadInput
 from lathe.kernels.dispatch import backend_for
 
 # ----------------------------------------------------------------------------- linear_w8a8
@@ -78,6 +79,99 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 @linear_w4a16.register_fake
 def _(x, qweight, scales, zeros, group_size, bias, p_codes=None, p_scales=None, p_zeros=None):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+# ----------------------------------------------------------------------------- linear_w8a16
+
+
+@torch.library.custom_op("lathe::linear_w8a16", mutates_args=())
+def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 bias: Optional[torch.Tensor], group_size: int,
+                 packed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Weight-only int8 (lathe.compress.formats.Int8WeightOnly): y = x @ W^T + bias with
+    W[n, k] = qweight[n, k] * scales[n, k // g]; qweight int8 [N, K], scales fp32 [N, G],
+    group_size 0 = per channel (G = 1). x fp32/bf16/fp16, output in x's dtype. `packed` is the
+    CPU kernel's layout (lathe.kernels.cpu_w8a16.w8a16_pack), made once at load time; None
+    packs here (a full pass over the weight: callers on a hot path prepare it)."""
+    _check_w8a16(x, qweight, scales, bias, group_size)
+    backend = backend_for("linear_w8a16", x.device)
+    if backend == "cpu":
+        from lathe.kernels import cpu_w8a16
+        if packed is None:
+            packed = cpu_w8a16.w8a16_pack(qweight, scales, group_size)
+        return cpu_w8a16.w8a16_linear(x, packed, qweight.shape[0], group_size, bias)
+    if backend == "triton":
+        from lathe.kernels.gpu import triton_linear_w8a16
+        return triton_linear_w8a16(x, qweight, scales, bias, group_size)
+    return reference.linear_w8a16(x, qweight, scales, bias)
+
+
+@linear_w8a16.register_fake
+def _(x, qweight, scales, bias, group_size, packed):
+    _check_w8a16(x, qweight, scales, bias, group_size)
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_w8a16(x, qweight, scales, bias, group_size):
+    """Shapes and dtypes only (metadata: also runs on fake tensors while tracing)."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise BadInput(f"linear_w8a16: qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
+    N, K = qweight.shape
+    if x.dtype not in _FLOATS or x.dim() < 1 or x.shape[-1] != K:
+        raise BadInput(f"linear_w8a16: x must be float32/bfloat16/float16 [..., K={K}], got "
+                       f"{x.dtype} {tuple(x.shape)}")
+    if group_size < 0 or (group_size and K % group_size):
+        raise BadInput(f"linear_w8a16: group_size must be 0 (per channel) or divide K={K}, got {group_size}")
+    G = K // group_size if group_size else 1
+    if not scales.is_floating_point() or tuple(scales.shape) != (N, G):
+        raise BadInput(f"linear_w8a16: scales must be float [N, G] = [{N}, {G}], got "
+                       f"{scales.dtype} {tuple(scales.shape)}")
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (N,)):
+        raise BadInput(f"linear_w8a16: bias must be float [{N}], got {bias.dtype} {tuple(bias.shape)}")
+
+
+# ----------------------------------------------------------------------------- linear_fp8
+
+
+@torch.library.custom_op("lathe::linear_fp8", mutates_args=())
+def linear_fp8(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+               bias: Optional[torch.Tensor], act_granularity: str) -> torch.Tensor:
+    """FP8 E4M3 W8A8 (lathe.compress.formats.FP8E4M3): x is quantized at run time to
+    float8_e4m3fn, scale amax/448 per token or per tensor (act_granularity), then multiplied
+    with w_fp8 float8_e4m3fn [N, K] and scaled by w_scale fp32 [N] or [1], + bias.
+
+    CUDA on sm_89+ (Ada, Hopper): the Triton FP8 matmul (fp8 x fp8, fp32 accumulation). CPU
+    and older GPUs: the reference, which simulates it in fp32 (CPUs have no FP8 units: this
+    shows FP8's accuracy, not its speed)."""
+    _check_fp8(x, w_fp8, w_scale, bias, act_granularity)
+    backend = backend_for("linear_fp8", x.device)
+    if backend == "triton" and torch.cuda.get_device_capability(x.device) >= (8, 9):
+        from lathe.kernels.gpu import triton_linear_fp8
+        return triton_linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
+    return reference.linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
+
+
+@linear_fp8.register_fake
+def _(x, w_fp8, w_scale, bias, act_granularity):
+    _check_fp8(x, w_fp8, w_scale, bias, act_granularity)
+    return x.new_empty(*x.shape[:-1], w_fp8.shape[0])
+
+
+def _check_fp8(x, w_fp8, w_scale, bias, act_granularity):
+    if w_fp8.dtype != torch.float8_e4m3fn or w_fp8.dim() != 2:
+        raise BadInput(f"linear_fp8: w_fp8 must be float8_e4m3fn [N, K], got {w_fp8.dtype} {tuple(w_fp8.shape)}")
+    N, K = w_fp8.shape
+    if x.dtype not in _FLOATS or x.dim() < 1 or x.shape[-1] != K:
+        raise BadInput(f"linear_fp8: x must be float32/bfloat16/float16 [..., K={K}], got {x.dtype} {tuple(x.shape)}")
+    if w_scale.dtype != torch.float32 or w_scale.numel() not in (1, N) or w_scale.dim() != 1:
+        raise BadInput(f"linear_fp8: w_scale must be float32 [{N}] or [1], got {w_scale.dtype} {tuple(w_scale.shape)}")
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (N,)):
+        raise BadInput(f"linear_fp8: bias must be float [{N}], got {bias.dtype} {tuple(bias.shape)}")
+    if act_granularity not in ("per_token", "per_tensor"):
+        raise BadInput(f"linear_fp8: act_granularity must be per_token or per_tensor, got {act_granularity!r}")
 
 
 # ----------------------------------------------------------------------------- attention

@@ -101,6 +101,54 @@ def linear_w4a16(x, qweight, scales, zeros, group_size: int, bias=None):
     return y.to(x.dtype)
 
 
+# ----------------------------------------------------------------------------- int8 W8A16
+
+
+def dequant_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W[n, k] = qweight[n, k] * scales[n, k // g] in fp32 (G = scales.shape[1] groups)."""
+    N, K = qweight.shape
+    G = scales.shape[1]
+    return (qweight.float().view(N, G, K // G) * scales.float()[..., None]).view(N, K)
+
+
+def linear_w8a16(x, qweight, scales, bias=None):
+    """y = x @ dequant(W)^T + bias: the weight dequantized once, an fp32 matmul, returned in
+    x's dtype (what QLinearW8A16 computed before the op existed)."""
+    w = dequant_int8(qweight, scales)
+    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- FP8 (E4M3)
+
+FP8_E4M3_MAX = 448.0
+
+
+def quantize_fp8_act(x: torch.Tensor, act_granularity: str):
+    """Dynamic FP8 activations: scale = amax / 448 per token (row) or per tensor (1 when all
+    zero); returns (float8_e4m3fn codes, fp32 scale [..., 1] or [])."""
+    xf = x.float()
+    if act_granularity == "per_token":
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+    elif act_granularity == "per_tensor":
+        amax = xf.abs().amax()
+    else:
+        raise ValueError(f"unknown act_granularity {act_granularity!r}: expected per_token or per_tensor")
+    sx = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    xq = (xf / sx).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return xq, sx
+
+
+def linear_fp8(x, w_fp8, w_scale, bias=None, act_granularity: str = "per_token"):
+    """FP8 W8A8 simulated in fp32: y = (fp8(x / sx) @ fp8_w^T) * sx * w_scale + bias, returned
+    in x's dtype. w_scale [N] (per channel) or [1] (per tensor)."""
+    xq, sx = quantize_fp8_act(x, act_granularity)
+    y = (xq.float() @ w_fp8.float().t()) * sx * w_scale
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
 # ----------------------------------------------------------------------------- attention
 
 
