@@ -1,5 +1,9 @@
 """Calibration: run batches through the model and stream statistics of the inputs of chosen
-modules (never holding the activations themselves). Ctrl-C stops cleanly between batches."""
+modules (never holding the activations themselves). Ctrl-C stops cleanly between batches.
+
+Under torch.distributed each rank observes its share of the batches and the statistics are
+reduced across ranks (amax: MAX, counts: SUM), so every rank ends with the statistics of all
+the data; in a single process the reduction is a no-op (bit-identical)."""
 from __future__ import annotations
 
 import torch
@@ -23,6 +27,23 @@ class AbsMaxObserver:
         self.amax = a if self.amax is None else torch.maximum(self.amax, a)
         self.batches += 1
 
+    def all_reduce(self):
+        """Combine the observers of all ranks (a collective: every rank calls it). A rank that
+        saw no batch contributes zeros (max |x| >= 0, so the max is unchanged)."""
+        from lathe.compress import distributed as dist
+
+        if not dist.is_distributed():
+            return self
+        meta = torch.tensor([self.batches, 0 if self.amax is None else self.amax.numel()],
+                            dtype=torch.float64)
+        dist.all_reduce_sum_(meta[:1])
+        dist.all_reduce_max_(meta[1:])
+        self.batches, width = int(meta[0]), int(meta[1])
+        if width:
+            a = torch.zeros(width) if self.amax is None else self.amax
+            self.amax = dist.all_reduce_max_(a.contiguous())
+        return self
+
 
 def observe_inputs(model, names, batches, progress=None) -> dict:
     """Per-channel |x| max of the input of each module in `names`, over `batches`
@@ -44,7 +65,7 @@ def observe_inputs(model, names, batches, progress=None) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    return {n: o.amax for n, o in obs.items()}
+    return {n: o.all_reduce().amax for n, o in obs.items()}
 
 
 def smoothquant_scales(act_amax: torch.Tensor, weights: list, alpha: float) -> torch.Tensor:

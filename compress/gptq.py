@@ -36,21 +36,52 @@ from lathe.compress.formats import Int4Group
 
 
 class HessianAccumulator:
-    """H = 2/n sum_t x_t x_t^T over the n tokens seen, as a running mean (fp32)."""
+    """H = 2/n sum_t x_t x_t^T over the n tokens seen, as a running mean (fp32).
+
+    Under torch.distributed each rank accumulates its share of the calibration tokens; the
+    first read of `H` or `n` after an update combines the ranks (all-reduce SUM of n_r * H_r
+    and of n_r, then H = sum / n), so the solve sees the Hessian of all the data. Reading is
+    then a collective: every rank reads in the same order, as the layer-by-layer loop does.
+    In a single process nothing is reduced (bit-identical)."""
 
     def __init__(self, in_features: int, device=None):
-        self.H = torch.zeros(in_features, in_features, device=device)
-        self.n = 0
+        self._H = torch.zeros(in_features, in_features, device=device)
+        self._n = 0
+        self._pending = True  # even a rank that sees no token must join the first reduction
 
     def update(self, x: torch.Tensor):
         """x: [T, K] tokens (padding already removed)."""
+        self._pending = True
         x = x.detach().reshape(-1, x.shape[-1]).float()
         t = x.shape[0]
         if t == 0:
             return
-        n = self.n + t
-        self.H.addmm_(x.t(), x, beta=self.n / n, alpha=2.0 / n)
-        self.n = n
+        n = self._n + t
+        self._H.addmm_(x.t(), x, beta=self._n / n, alpha=2.0 / n)
+        self._n = n
+
+    def _sync(self):
+        from lathe.compress import distributed as dist
+
+        if self._pending and dist.is_distributed():
+            n = dist.all_reduce_sum_(torch.tensor([float(self._n)], dtype=torch.float64))
+            total = int(n.item())
+            if total:
+                # fp64 for the weighted sum so the result does not depend on rank order much
+                H = dist.all_reduce_sum_(self._H.double() * self._n)
+                self._H = (H / total).to(self._H.dtype)
+            self._n = total
+        self._pending = False
+
+    @property
+    def H(self) -> torch.Tensor:
+        self._sync()
+        return self._H
+
+    @property
+    def n(self) -> int:
+        self._sync()
+        return self._n
 
 
 def group_params(fmt: Int4Group, w: torch.Tensor):

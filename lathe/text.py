@@ -3,6 +3,10 @@
 - eval_sentences(): lathe's fixed, varied evaluation set (data/sentences.txt, 300 lines).
 - calibration_texts(): paragraphs of the Python standard library's docstrings; kept apart
   from the evaluation set so quality is never measured on the calibration data.
+- training_texts(): tens of thousands of English sentences for distillation: every docstring
+  in the standard library (modules, classes, functions) and the Python documentation's topic
+  pages shipped with it (pydoc_data), split into sentences and pairs of sentences. Offline,
+  and disjoint from the evaluation set.
 """
 from __future__ import annotations
 
@@ -50,6 +54,54 @@ def calibration_texts(n: int = 128) -> tuple:
         if len(out) >= n:
             break
     return tuple(out[:n])
+
+
+def _prose(t: str) -> bool:
+    letters = sum(c.isalpha() or c == " " for c in t)
+    return 20 <= len(t) <= 400 and letters >= 0.85 * len(t) and t[0].isupper()
+
+
+@functools.lru_cache(maxsize=1)
+def training_texts() -> tuple:
+    """Sentences (and pairs of consecutive sentences) of the stdlib's docstrings and
+    pydoc_data's topic pages, prose only, deduplicated, in a fixed order."""
+    import ast
+    import re
+    import sysconfig
+
+    split = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+    paragraphs = []
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for f in sorted(stdlib.rglob("*.py")):
+        rel = f.relative_to(stdlib).parts
+        if "site-packages" in rel or any(p in ("test", "tests", "idle_test") for p in rel):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    paragraphs.extend(doc.split("\n\n"))
+    try:
+        from pydoc_data.topics import topics
+
+        for page in topics.values():
+            paragraphs.extend(page.split("\n\n"))
+    except ImportError:  # some distributions strip pydoc_data
+        pass
+    out, seen = [], set()
+    for para in paragraphs:
+        sents = [s for s in split.split(" ".join(para.split())) if _prose(s)]
+        for i, s in enumerate(sents):
+            for t in (s, f"{s} {sents[i + 1]}" if i + 1 < len(sents) else None):
+                if t and _prose(t) and t not in seen:
+                    seen.add(t)
+                    out.append(t)
+    held = set(eval_sentences())
+    return tuple(t for t in out if t not in held)
 
 
 class Tokenizer:
