@@ -88,8 +88,9 @@ def describe_modules(model: nn.Module) -> dict:
     out = {}
     for name, m in model.named_modules():
         if type(m).__name__ in QUANT_MODULES:
-            out[name] = {"class": type(m).__name__, "args": m.manifest_args(),
-                         "format": m.format.manifest()}
+            out[name] = {"class": type(m).__name__, "args": m.manifest_args()}
+            if hasattr(m, "format"):  # quantized modules; a low-rank Linear has none
+                out[name]["format"] = m.format.manifest()
     return out
 
 
@@ -119,6 +120,10 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
         for name in COPY:
             if (src.path / name).is_file():
                 shutil.copy2(src.path / name, tmp / name)
+        config = getattr(model, "config", None)
+        if isinstance(config, dict) and config != src.config:
+            # structured pruning changed the shapes: build_model reads them from here
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
         # The manifest goes last: its presence marks a complete compressed checkpoint.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
@@ -137,6 +142,10 @@ def build_model(src: Source, device="cpu") -> nn.Module:
             model.transform(t)
         for name, entry in (src.manifest or {}).get("modules", {}).items():
             qcls = QUANT_MODULES.get(entry.get("class"))
+            if qcls is None:  # e.g. LowRankLinear: registered when its plugin is imported
+                from lathe.compress.config import ensure_registered
+                ensure_registered()
+                qcls = QUANT_MODULES.get(entry.get("class"))
             if qcls is None:
                 raise BadInput(f"{src.path}: manifest names unknown module class {entry.get('class')!r}")
             parent, _, leaf = name.rpartition(".")

@@ -15,3 +15,27 @@ def model_class(config: dict):
         raise BadInput(f"unsupported model_type {mt!r} in config.json; lathe supports {sorted(FAMILIES)}")
     mod, _, cls = FAMILIES[mt].partition(":")
     return getattr(importlib.import_module(mod), cls)
+
+
+def split_factored(model, groups):
+    """linear_groups with low-rank Linears (modules with `factored`, two inner Linears `down`
+    then `up`) expanded: `down` takes the group's input, `up` is a group of its own."""
+    for owner, names in groups:
+        first, extra = [], []
+        for n in names:
+            try:
+                m = model.get_submodule(n)
+            except AttributeError:
+                m = None
+            if getattr(m, "factored", False):
+                first.append(f"{n}.down")
+                extra.append((f"{n}.up", [f"{n}.up"]))
+            else:
+                first.append(n)
+        yield owner, first
+        yield from extra
+
+
+def any_factored(*modules) -> bool:
+    """True when one of the modules is low-rank factored (its weight cannot be concatenated)."""
+    return any(getattr(m, "factored", False) for m in modules)

@@ -53,8 +53,13 @@ class SelfAttention(nn.Module):
             q, k, v = self.qkv(x).split(self.num_heads * self.head_dim, dim=-1)
         else:
             q, k, v = self.query(x), self.key(x), self.value(x)
-        o = torch.ops.lathe.attention(heads(q), heads(k), heads(v), key_padding_mask, False,
-                                      1.0 / math.sqrt(self.head_dim))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.training and torch.is_grad_enabled():  # the op has no autograd (distillation)
+            mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :].bool()
+            o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask,
+                                               scale=scale)
+        else:
+            o = torch.ops.lathe.attention(heads(q), heads(k), heads(v), key_padding_mask, False, scale)
         return o.transpose(1, 2).reshape(B, S, -1)
 
     def fuse_qkv(self):
@@ -138,6 +143,12 @@ class BertEncoder(nn.Module):
     """forward(input_ids, attention_mask=None, token_type_ids=None) -> last_hidden_state
     [B, S, hidden] (the tensor that sentence-transformers mean-pools)."""
 
+    # Where structured pruning (lathe.compress.structured) finds heads and FFN neurons, per block.
+    PRUNE_SPEC = {"blocks": "encoder.layer", "attention": "attention.self",
+                  "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+                  "o": "attention.output.dense", "ffn_in": ("intermediate.dense",),
+                  "ffn_out": "output.dense"}
+
     def __init__(self, config: dict):
         super().__init__()
         missing = [k for k in REQUIRED if k not in config]
@@ -159,14 +170,24 @@ class BertEncoder(nn.Module):
 
     def transform(self, name: str):
         """Structural rewrites a compressed checkpoint records and load replays on the meta model."""
+        from lathe.models import any_factored
+
         if name != "fuse_qkv":
             raise BadInput(f"unknown model transform {name!r}")
-        for layer in self.encoder.layer:
-            layer.attention.self.fuse_qkv()
+        a = [layer.attention.self for layer in self.encoder.layer]
+        if any(any_factored(x.query, x.key, x.value) for x in a):
+            return  # low-rank q/k/v: nothing to concatenate, and nothing recorded
+        for x in a:
+            x.fuse_qkv()
         self.applied_transforms.append(name)
 
     def linear_groups(self):
         """For compress: (name of a module that takes x, [names of the Linears reading x])."""
+        from lathe.models import split_factored
+
+        return split_factored(self, self._fixed_groups())
+
+    def _fixed_groups(self):
         for i, _ in enumerate(self.encoder.layer):
             p = f"encoder.layer.{i}"
             yield f"{p}.attention.self", [f"{p}.attention.self.{n}" for n in ("query", "key", "value")]

@@ -183,6 +183,11 @@ class LlamaForCausalLM(nn.Module):
     calibration batches (lathe.text.batches) can be fed as model(**batch).
     """
 
+    # Where structured pruning (lathe.compress.structured) finds heads and FFN neurons, per block.
+    PRUNE_SPEC = {"blocks": "model.layers", "attention": "self_attn", "q": "self_attn.q_proj",
+                  "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                  "ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "ffn_out": "mlp.down_proj"}
+
     def __init__(self, config: dict):
         super().__init__()
         missing = [k for k in REQUIRED if k not in config]
@@ -237,15 +242,25 @@ class LlamaForCausalLM(nn.Module):
 
     def transform(self, name: str):
         """Structural rewrites a compressed checkpoint records and load replays on the meta model."""
+        from lathe.models import any_factored
+
         if name != "fuse_qkv":
             raise BadInput(f"unknown model transform {name!r}")
-        for layer in self.model.layers:
-            layer.self_attn.fuse_qkv()
+        a = [layer.self_attn for layer in self.model.layers]
+        if any(any_factored(x.q_proj, x.k_proj, x.v_proj) for x in a):
+            return  # low-rank q/k/v: nothing to concatenate, and nothing recorded
+        for x in a:
+            x.fuse_qkv()
         self.applied_transforms.append(name)
 
     def linear_groups(self):
         """For compress: (name of a module that takes x, [names of the Linears reading x]).
         A tied lm_head is the embedding matrix, not a Linear, and is left out."""
+        from lathe.models import split_factored
+
+        return split_factored(self, self._fixed_groups())
+
+    def _fixed_groups(self):
         for i, _ in enumerate(self.model.layers):
             p = f"model.layers.{i}"
             yield f"{p}.self_attn", [f"{p}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
