@@ -128,11 +128,15 @@ EXTRAS = {
     "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
     "bench": ["matplotlib>=3.7"],
     "triton": ["triton>=3.0"],
-    "modelopt": ["nvidia-modelopt[torch]>=0.20", "requests"],
+    # ModelOpt 0.47+ (list-style quant_cfg); its torch support is in the base package, which
+    # accepts the CPU torch wheel as is. It imports `requests` without declaring it.
+    "modelopt": ["nvidia-modelopt>=0.47", "requests"],
+    # compressed-tensors: only to validate lathe's vLLM export against its own models (tests)
+    "vllm": ["compressed-tensors>=0.20"],
     "tensorrt": ["tensorrt>=10"],  # from NVIDIA's package index (pypi.nvidia.com)
     "test": ["pytest>=7", "hypothesis>=6"],
 }
-EXTRAS["all"] = sorted({r for k in ("onnx", "bench", "test") for r in EXTRAS[k]})
+EXTRAS["all"] = sorted({r for k in ("onnx", "bench", "test", "modelopt", "vllm") for r in EXTRAS[k]})
 
 setup(
     name="lathe",

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from lathe.compress.calibrate import observe_inputs, smoothquant_scales
 from lathe.compress.config import HANDLERS, Int8Config, register_handler
+from lathe.compress.formats import check_finite
 from lathe.compress.modules import QLinearW8A8
 from lathe.errors import BadInput
 
@@ -47,6 +48,10 @@ def _int8(model, cfg: Int8Config, calib, progress, ctx=None):
     modules = dict(model.named_modules())
     skipped, done = [], []
     smooth = {}
+    for _, names in groups:  # before calibration: a bad weight is named, not seen as NaN later
+        for n in names:
+            if isinstance(modules[n], nn.Linear):
+                check_finite(f"weight of {n}", modules[n].weight)
     if cfg.smoothquant:
         if calib is None:
             raise BadInput("int8 with smoothquant needs calibration data (calib=...; or set smoothquant: false)")

@@ -10,6 +10,7 @@ from lathe.errors import BadInput, LatheError
 
 EXAMPLES = {
     "compress": "example:\n  lathe compress ./all-MiniLM-L6-v2 --recipe int8 -o ./minilm-int8\n"
+                "  lathe compress ./model --recipe int4-awq --backend modelopt -o ./out-awq\n"
                 "  lathe compress ./model --recipe my-recipe.yaml --calib texts.txt -o ./out",
     "export": "example:\n  lathe export ./minilm-int8 --to onnx -o minilm-int8.onnx\n"
               "  lathe export ./model --to onnx --opset 18 --no-validate -o model.onnx\n"
@@ -17,7 +18,8 @@ EXAMPLES = {
               "  lathe export ./minilm-int8 --to tensorrt --opt-shapes input_ids:8x128,... -o m.engine",
     "bench": "example:\n  lathe bench ./minilm-int8 --batch 1,8 --seq 128 --json out.json\n"
              "  lathe bench compare before.json after.json --threshold 0.1\n"
-             "  lathe bench kernels --json bench/results/kernels-cpu.json",
+             "  lathe bench kernels --json bench/results/kernels-cpu.json\n"
+             "  lathe bench quantizers --out bench/results   # lathe vs ModelOpt calibration",
     "demo": "example:\n  lathe demo -o lathe-demo-out",
 }
 
@@ -46,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="preset name (int8, int8-dynamic) or a recipe YAML file")
     c.add_argument("--calib", help="calibration text file, one text a line (default: stdlib docstrings)")
     c.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--backend", choices=["lathe", "modelopt"], default="lathe",
+                   help="who calibrates: lathe, or NVIDIA ModelOpt (int8, fp8, int4-awq; "
+                        "pip install 'lathe[modelopt]'); the output runs on lathe's kernels either way")
+    c.add_argument("--no-summary", action="store_true",
+                   help="skip the size / quality / latency table printed after compressing")
+    c.add_argument("--vllm-export", metavar="DIR",
+                   help="also write DIR in the compressed-tensors layout vLLM reads (int8 W8A8 without "
+                        "SmoothQuant, int4 without AWQ)")
 
     e = sub.add_parser("export", help="export to ONNX (validated on onnxruntime) or TensorRT",
                        epilog=EXAMPLES["export"], formatter_class=fmt)
@@ -97,8 +107,14 @@ def _parser() -> argparse.ArgumentParser:
 def _compress(a):
     import lathe
 
-    out = lathe.compress_checkpoint(a.src, a.recipe, a.out, a.calib)
+    out = lathe.compress_checkpoint(a.src, a.recipe, a.out, a.calib, backend=a.backend)
     print(f"wrote {out}")
+    if a.vllm_export:
+        from lathe.compress.vllm_config import export_compressed_tensors
+        print(f"wrote {export_compressed_tensors(out, a.vllm_export)} (compressed-tensors)")
+    if not a.no_summary:
+        from lathe import summary
+        print(summary.table(summary.summarize(a.src, out)))
 
 
 def _export(a):
@@ -191,10 +207,10 @@ def _demo(a):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["bench", "kernels"]:  # its own options: lathe bench kernels --help
-        from lathe.bench.kernels import main as kernels_main
+    if argv[:2] in (["bench", "kernels"], ["bench", "quantizers"]):  # their own options (--help)
+        import importlib
         try:
-            return kernels_main(argv[2:])
+            return importlib.import_module(f"lathe.bench.{argv[1]}").main(argv[2:])
         except LatheError as e:
             print(f"lathe: error: {e}", file=sys.stderr)
             return e.exit_code

@@ -20,15 +20,21 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def compress_checkpoint(src, recipe, out, calib=None, progress=None) -> Path:
+def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend: str = "lathe") -> Path:
+    """backend: "lathe" (lathe's own calibration) or "modelopt" (NVIDIA ModelOpt calibrates,
+    lathe.compress.modelopt_backend converts the result into lathe's modules)."""
     import shutil
 
+    from lathe.compress import distributed as dist
     from lathe.compress.checkpoint import build_model, save
     from lathe.compress.context import StepContext
     from lathe.compress.quantize import quantize
     from lathe.compress.recipes import Recipe, load_recipe
     from lathe.source import open_source, writable_parent
 
+    dist.init_from_env()  # under torchrun: join the group (calibration / distillation reduce)
+    if backend not in ("lathe", "modelopt"):
+        raise BadInput(f"unknown backend {backend!r}; expected lathe or modelopt")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     source = open_source(src)
     if source.is_compressed:
@@ -36,11 +42,20 @@ def compress_checkpoint(src, recipe, out, calib=None, progress=None) -> Path:
     out = writable_parent(out)
     if out.exists() and out.resolve() == source.path.resolve():
         raise BadInput("the output directory must differ from the source checkpoint")
-    model = build_model(source)
     batches = calib if calib is not None and not isinstance(calib, (str, Path)) else \
         calibration_batches(source.path, calib)
+    if len(batches) >= dist.world():  # each rank calibrates on its share; statistics are reduced
+        batches = dist.shard(batches)
+    if backend == "modelopt":  # NVIDIA ModelOpt calibrates; lathe converts and saves
+        from lathe.compress.modelopt_backend import run_recipe
+
+        model, report = run_recipe(source, rec, batches, progress)
+        return save(model, source, out, rec.to_dict(), report)
+    model = build_model(source)
     ctx = StepContext(source=source, calib=batches, progress=progress, work_dir=work_dir_for(out))
     reports = [quantize(model, step, batches, progress, ctx) for step in rec.steps]
-    result = save(model, source, out, rec.to_dict(), {"steps": reports})
-    shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return result
+    if dist.is_main():  # one writer; the other ranks hold the same model
+        save(model, source, out, rec.to_dict(), {"backend": "lathe", "steps": reports})
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    dist.barrier()
+    return out
