@@ -94,6 +94,18 @@ def describe_modules(model: nn.Module) -> dict:
     return out
 
 
+def _lineage(src: Source) -> dict:
+    """Compressing a compressed (pruned/distilled, not quantized) checkpoint again: the
+    manifest keeps pointing at the original model (the quality reference) and records the
+    intermediate checkpoint as the parent."""
+    if not src.is_compressed:
+        return {}
+    m = src.manifest
+    return {"source": m["source"],
+            "parents": m.get("parents", []) + [{"path": str(src.path), "sha256": source_hash(src),
+                                                "recipe": m.get("recipe", {})}]}
+
+
 def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
@@ -109,6 +121,7 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
         "model_type": src.model_type,
         "recipe": recipe,
         "source": {"path": str(src.path), "sha256": source_hash(src)},
+        **_lineage(src),
         "transforms": list(getattr(model, "applied_transforms", [])),
         "modules": describe_modules(model),
         "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}

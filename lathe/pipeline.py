@@ -37,8 +37,9 @@ def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend: st
         raise BadInput(f"unknown backend {backend!r}; expected lathe or modelopt")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     source = open_source(src)
-    if source.is_compressed:
-        raise BadInput(f"{src} is already a lathe compressed checkpoint; compress the original")
+    if source.is_compressed and (source.manifest.get("modules") or source.manifest.get("transforms")):
+        raise BadInput(f"{src} holds lathe quantized/fused modules; compress the original (a pruned or "
+                       "distilled checkpoint without quantization can be compressed further)")
     out = writable_parent(out)
     if out.exists() and out.resolve() == source.path.resolve():
         raise BadInput("the output directory must differ from the source checkpoint")
@@ -51,6 +52,8 @@ def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend: st
 
         model, report = run_recipe(source, rec, batches, progress)
         return save(model, source, out, rec.to_dict(), report)
+    if source.is_compressed:  # e.g. int8 on a pruned + distilled checkpoint: record both recipes
+        rec = Recipe(name=f"{source.manifest['recipe'].get('name', 'parent')}+{rec.name}", steps=rec.steps)
     model = build_model(source)
     ctx = StepContext(source=source, calib=batches, progress=progress, work_dir=work_dir_for(out))
     reports = [quantize(model, step, batches, progress, ctx) for step in rec.steps]

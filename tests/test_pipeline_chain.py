@@ -1,0 +1,41 @@
+"""Recipes chain across runs: a pruned (unquantized) checkpoint can be compressed again, and
+the result keeps the original model as its quality reference."""
+import json
+
+import pytest
+import torch
+
+import lathe
+from lathe.compress.recipes import load_recipe, presets
+from lathe.errors import BadInput
+
+
+@pytest.mark.parametrize("name", ["prune-structured", "prune-int8", "sparse-2of4", "prune-wanda",
+                                  "prune-sparsegpt", "lowrank"])
+def test_issue8_presets_load(name):
+    assert name in presets()
+    rec = load_recipe(name)
+    assert rec.steps
+
+
+def test_prune_then_int8_in_two_runs(tmp_path, minilm):
+    pruned = lathe.compress_checkpoint(minilm, load_recipe_from(tmp_path, "ffn: 0.25"), tmp_path / "p")
+    q = lathe.compress_checkpoint(pruned, "int8", tmp_path / "q")
+    m = json.loads((q / "lathe_manifest.json").read_text())
+    orig = json.loads((pruned / "lathe_manifest.json").read_text())["source"]
+    assert m["source"] == orig  # the reference stays the original model
+    assert [p["path"] for p in m["parents"]] == [str(pruned)]
+    assert m["recipe"]["name"] == "tiny-prune+int8"
+    model = lathe.load(q)
+    cfg = json.loads((q / "config.json").read_text())
+    assert cfg["intermediate_size"] == 1152
+    ids = torch.randint(1000, 2000, (2, 9))
+    assert torch.isfinite(model(ids)).all()
+    with pytest.raises(BadInput, match="quantized"):
+        lathe.compress_checkpoint(q, "int8", tmp_path / "again")
+
+
+def load_recipe_from(tmp_path, fields: str):
+    p = tmp_path / "r.yaml"
+    p.write_text(f"name: tiny-prune\nsteps:\n  - method: prune-structured\n    {fields}\n")
+    return str(p)
