@@ -63,7 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--to", choices=["onnx", "tensorrt"], default="onnx")
     e.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="runtime whose patterns the quantized ops lower to (tensorrt: symmetric static QDQ)")
-    e.add_argument("--opset", type=int, default=18)
+    e.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default 18, raised to 21 for blocked int4/int8 DequantizeLinear, 19 for FP8)")
+    e.add_argument("--int8-mode", choices=["fast", "exact"], default="fast",
+                   help="int8 on onnxruntime: fast (DynamicQuantizeMatMul, per-tensor activations except "
+                        "calibrated outlier layers) or exact (lathe's per-token math, slower)")
+    e.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
+                   help="int4 MatMulNBits accuracy_level (4: int8 activations, fastest; 0: fp32)")
+    e.add_argument("--external-data", action="store_true",
+                   help="weights in model.onnx.data beside the graph (automatic past 2 GB)")
+    e.add_argument("--slim", action="store_true", help="simplify with onnxslim (pip install onnxslim)")
     e.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     e.add_argument("--lint", choices=["tensorrt"], help="check the ONNX for TensorRT readiness (exit 3 on errors)")
     e.add_argument("--min-shapes", help="TensorRT profile, e.g. input_ids:1x1,attention_mask:1x1")
@@ -105,9 +114,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compress(a):
-    import lathe
+    import logging
 
-    out = lathe.compress_checkpoint(a.src, a.recipe, a.out, a.calib, backend=a.backend)
+    import lathe
+    from lathe.progress import Progress
+
+    logging.basicConfig(level=logging.INFO, format="lathe: %(message)s")  # distill's loss lines
+    out = lathe.compress_checkpoint(a.src, a.recipe, a.out, a.calib, progress=Progress(), backend=a.backend)
     print(f"wrote {out}")
     if a.vllm_export:
         from lathe.compress.vllm_config import export_compressed_tensors
@@ -126,7 +139,9 @@ def _export(a):
         return 0
     from lathe.export.onnx import export_onnx
 
-    out, report = export_onnx(a.src, a.out, a.target, a.opset, validate=not a.no_validate)
+    out, report = export_onnx(a.src, a.out, a.target, a.opset, validate=not a.no_validate,
+                              int8_mode=a.int8_mode, accuracy_level=a.accuracy_level,
+                              external_data=True if a.external_data else None, slim=a.slim)
     if report:
         print(report.summary())
     print(f"wrote {out}")
