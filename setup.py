@@ -125,7 +125,7 @@ def _packages():
 PACKAGES = _packages()
 
 EXTRAS = {
-    "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
+    "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2", "onnxslim>=0.1.90"],
     "bench": ["matplotlib>=3.7"],
     "triton": ["triton>=3.0"],
     # ModelOpt 0.47+ (list-style quant_cfg); its torch support is in the base package, which
