@@ -27,6 +27,7 @@
 #include <memory>
 #include <string>
 
+#include "cpu/bf16.h"
 #include "cpu/isa.h"
 
 namespace lathe {
@@ -98,19 +99,6 @@ inline RowPos row_pos(const Prob& P, int64_t b, int64_t g, int64_t r) {
   return p;
 }
 
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 inline float load_elem(const Prob& P, const char* base, int64_t off) {
   if (P.bf16) return bf16_to_f32(reinterpret_cast<const uint16_t*>(base)[off]);

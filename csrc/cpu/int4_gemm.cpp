@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/bf16.h"
 #include "cpu/isa.h"
 #include "cpu/vec_math.h"
 
@@ -83,20 +84,6 @@ struct ActQ {
   int64_t G;
 };
 
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays a quiet NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 inline float load_x(const void* x, int dt, int64_t i) {
   return dt == 0 ? static_cast<const float*>(x)[i]

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/bf16.h"
 #include "cpu/isa.h"
 #include "cpu/vec_math.h"
 
@@ -71,21 +72,6 @@ Packed make_packed(const uint8_t* buf, int64_t N, int64_t K, int64_t g) {
   return p;
 }
 
-// bf16 <-> fp32 (round to nearest even, NaN stays a quiet NaN), as in int4_gemm.cpp.
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 inline __mmask16 tail16(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
