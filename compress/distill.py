@@ -39,6 +39,7 @@ from lathe.compress.config import CONFIGS, config_to_dict, register_handler
 from lathe.errors import BadInput
 
 log = logging.getLogger("lathe.distill")
+SPARSE_MIN = 0.2  # keep_sparsity: the fraction of zeros that marks a weight as pruned
 QAT_GROUP = 128  # int4 QAT: lathe's Int4Group default group size
 MIN_LR_RATIO = 0.1  # cosine floor, a fraction of lr (as scripts/train_decoder.py)
 
@@ -76,6 +77,10 @@ class DistillConfig:
     fsdp: bool = False  # under torchrun: FSDP instead of DDP (not implemented yet: refused)
     seed: int = 0
     log_every: int = 10
+    # keep pruned weights at zero: a Linear whose weight is at least SPARSE_MIN zeros (a pruned
+    # or 2:4 model) keeps its mask through training, so distillation recovers quality without
+    # undoing the sparsity
+    keep_sparsity: bool = True
 
     def __post_init__(self):
         _num("steps", self.steps, 1, integer=True)
@@ -101,6 +106,8 @@ class DistillConfig:
             raise BadInput(f"distill.fsdp must be true or false, got {self.fsdp!r}")
         _num("seed", self.seed, 0, integer=True)
         _num("log_every", self.log_every, 1, integer=True)
+        if not isinstance(self.keep_sparsity, bool):
+            raise BadInput(f"distill.keep_sparsity must be true or false, got {self.keep_sparsity!r}")
 
     def _check_layer_map(self):
         m = self.layer_map
@@ -393,6 +400,17 @@ def _wrap(student):
 
 
 @register_handler(DistillConfig)
+def sparsity_masks(model) -> list:
+    """[(weight, mask)] of the Linear weights that are at least SPARSE_MIN zeros."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.weight.numel():
+            mask = m.weight.detach() != 0
+            if 1.0 - mask.float().mean().item() >= SPARSE_MIN:
+                out.append((m.weight, mask))
+    return out
+
+
 def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     from lathe.compress.checkpoint import describe_modules
 
@@ -435,6 +453,7 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
         torch.set_rng_state(state["rng"])
         start, losses = int(state["step"]), state["losses"].tolist()
         log.info("distill: resuming from step %d/%d (%s)", start, cfg.steps, ckpt)
+    masks = sparsity_masks(model) if cfg.keep_sparsity else []
     qat_names, qat_skipped, undo_qat = enable_qat(model, cfg.qat) if cfg.qat != "none" else ([], [], None)
 
     def save(step):
@@ -461,6 +480,10 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if masks:
+                with torch.no_grad():
+                    for w, m in masks:
+                        w.mul_(m)
             sched.step()
             done = step + 1
             losses.append(float(dist.all_reduce_sum_(loss.detach().double().reshape(1))))
@@ -483,7 +506,9 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
         model.eval()
     save(done)  # a crash in a later recipe step does not redo the distillation
     dist.barrier()
-    return _report(cfg, decoder, losses, start, done, time.time() - t0, pairs, hw, qat_names, qat_skipped)
+    rep = _report(cfg, decoder, losses, start, done, time.time() - t0, pairs, hw, qat_names, qat_skipped)
+    rep["sparse_layers_kept"] = len(masks)
+    return rep
 
 
 def _report(cfg, decoder, losses, start, done, seconds, pairs, hw, qat_names, qat_skipped):

@@ -202,3 +202,21 @@ def test_recipe_distill_then_int8(src, corpus, tmp_path):
     assert not (tmp_path / ".out.work").exists()
     ids = torch.randint(1, 4000, (1, 8))
     assert torch.isfinite(m(ids)).all()
+
+
+def test_distill_keeps_2of4_sparsity(src, corpus):
+    """A 2:4 model stays 2:4 through distillation (the mask is re-applied after every step)."""
+    from lathe.compress.prune import PruneConfig
+    from lathe.compress.quantize import quantize
+
+    ctx = StepContext(source=src)
+    s = build_model(src)
+    quantize(s, PruneConfig(algo="magnitude", pattern="2:4"), None)
+    before = {n: m.weight.detach() != 0 for n, m in s.named_modules()
+              if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    r = handler(s, DistillConfig(steps=4, data=corpus, **SMALL), None, None, ctx)
+    assert r["sparse_layers_kept"] == len(before)
+    for n, mask in before.items():
+        w = s.get_submodule(n).weight.detach()
+        assert torch.equal(w != 0, mask), n  # same zeros: trained weights stayed non-zero too
+        assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), n
