@@ -399,7 +399,6 @@ def _wrap(student):
                broadcast_buffers=False)
 
 
-@register_handler(DistillConfig)
 def sparsity_masks(model) -> list:
     """[(weight, mask)] of the Linear weights that are at least SPARSE_MIN zeros."""
     out = []
@@ -411,6 +410,7 @@ def sparsity_masks(model) -> list:
     return out
 
 
+@register_handler(DistillConfig)
 def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     from lathe.compress.checkpoint import describe_modules
 
