@@ -9,22 +9,55 @@ from typing import Callable, ClassVar
 from lathe.errors import BadInput
 
 
+ACT_OBSERVERS = ("minmax", "percentile", "mse", "entropy")  # = lathe.compress.calibrate.METHODS
+
+
+def _default_alpha_grid():
+    return [round(0.3 + 0.05 * i, 2) for i in range(11)]  # 0.3, 0.35, ..., 0.8
+
+
 @dataclass
 class Int8Config:
     """W8A8: int8 per-channel weights, per-token dynamic int8 activations (lathe's int8 kernel).
-    smoothquant migrates activation outliers into the weights (alpha: migration strength)."""
+    smoothquant migrates activation outliers into the weights (alpha: migration strength).
+
+    alpha_search (or alpha: "search"): pick alpha per linear group from alpha_grid, minimising
+    the group's quantized output error on up to search_rows calibration tokens
+    (lathe.compress.alpha_search); alpha is then unused. act_observer (minmax, percentile,
+    mse, entropy; None: off): also calibrate a static per-tensor scale of each layer's
+    smoothed input, recorded in the report (act_scales) for static-activation exports."""
 
     method: ClassVar[str] = "int8"
     smoothquant: bool = True
     alpha: float = 0.5
+    alpha_search: bool = False
+    alpha_grid: list = field(default_factory=_default_alpha_grid)
+    search_rows: int = 2048
+    act_observer: str | None = None
     act_symmetric: bool = False  # True: zero point 0 activations (what TensorRT QDQ accepts)
     fuse_act: bool = True
     fuse_qkv: bool = True  # one GEMM for query/key/value (exact; needs no layer skipped)
     skip: list = field(default_factory=list)  # fnmatch patterns of module names kept in fp32
 
     def __post_init__(self):
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise BadInput(f"int8.alpha must be within [0, 1], got {self.alpha}")
+        if self.alpha == "search":
+            self.alpha, self.alpha_search = 0.5, True
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not 0.0 <= float(self.alpha) <= 1.0:
+            raise BadInput(f"int8.alpha must be within [0, 1] or \"search\", got {self.alpha!r}")
+        _check_bool("int8", "alpha_search", self.alpha_search)
+        g = self.alpha_grid
+        if not isinstance(g, list) or not g or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0 for a in g):
+            raise BadInput(f"int8.alpha_grid must be a non-empty list of numbers in [0, 1], got {g!r}")
+        if self.alpha_search and not self.smoothquant:
+            raise BadInput("int8.alpha_search needs smoothquant: true")
+        if isinstance(self.search_rows, bool) or not isinstance(self.search_rows, int) \
+                or not 16 <= self.search_rows <= 1 << 20:
+            raise BadInput(f"int8.search_rows must be an integer in [16, 1048576], got {self.search_rows!r}")
+        if self.act_observer is not None and self.act_observer not in ACT_OBSERVERS:
+            raise BadInput(f"int8.act_observer must be null or one of {', '.join(ACT_OBSERVERS)}, "
+                           f"got {self.act_observer!r}")
         if not isinstance(self.skip, list):
             raise BadInput(f"int8.skip must be a list of name patterns, got {self.skip!r}")
 

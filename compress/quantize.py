@@ -6,7 +6,9 @@ import fnmatch
 import torch
 import torch.nn as nn
 
-from lathe.compress.calibrate import observe_inputs, smoothquant_scales
+from lathe.compress.alpha_search import search_alpha
+from lathe.compress.calibrate import (AbsMaxObserver, RowSample, Scaled, make_observer, observe,
+                                     smoothquant_scales)
 from lathe.compress.config import HANDLERS, Int8Config, register_handler
 from lathe.compress.formats import check_finite
 from lathe.compress.modules import QLinearW8A8
@@ -42,26 +44,66 @@ def _groups(model):
     return [(n, [n]) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def _smoothing(model, cfg: Int8Config, groups, modules, calib, progress):
+    """SmoothQuant's s per Linear name (alpha fixed, or searched per group on a row sample),
+    and the report entries that say what was chosen."""
+    firsts = [names[0] for _, names in groups]
+    obs = {n: [AbsMaxObserver()] + ([RowSample(cfg.search_rows)] if cfg.alpha_search else []) for n in firsts}
+    observe(model, obs, calib, progress)
+    smooth, alphas, errors = {}, {}, {}
+    for _, names in groups:
+        amax = obs[names[0]][0].all_reduce().amax
+        ws = [modules[n].weight for n in names]
+        alpha = cfg.alpha
+        if cfg.alpha_search:
+            rows = obs[names[0]][1].rows
+            x = rows if rows is not None else torch.zeros(0, ws[0].shape[1])
+            alpha, err = search_alpha(x, amax, ws, cfg.alpha_grid, not cfg.act_symmetric)
+            alphas[names[0]], errors[names[0]] = alpha, {"chosen": err[alpha], "at_0.5": err.get(0.5)}
+        s = smoothquant_scales(amax, ws, alpha)
+        for n in names:
+            smooth[n] = s
+    report = {"alphas": alphas, "search_error": errors} if cfg.alpha_search else {}
+    return smooth, report
+
+
+def _static_act_scales(model, cfg: Int8Config, groups, smooth, calib) -> dict:
+    """Per-tensor static scale (amax / 127, symmetric) of each group's smoothed input, by
+    cfg.act_observer: what a static-activation (TensorRT QDQ) export quantizes with."""
+    obs = {}
+    for _, names in groups:
+        o = make_observer(cfg.act_observer, name=names[0])
+        s = smooth.get(names[0])
+        obs[names[0]] = [Scaled(o, 1.0 / s) if s is not None else o]
+    observe(model, obs, calib)
+    out = {}
+    for _, names in groups:
+        o = obs[names[0]][0]
+        a = float((o.obs if isinstance(o, Scaled) else o).reduce_().amax())
+        for n in names:
+            out[n] = a / 127.0 if a > 0 else 1.0
+    return out
+
+
 @register_handler(Int8Config)
 def _int8(model, cfg: Int8Config, calib, progress, ctx=None):
     groups = _groups(model)
     modules = dict(model.named_modules())
     skipped, done = [], []
-    smooth = {}
+    smooth, extra = {}, {}
     for _, names in groups:  # before calibration: a bad weight is named, not seen as NaN later
         for n in names:
             if isinstance(modules[n], nn.Linear):
                 check_finite(f"weight of {n}", modules[n].weight)
-    if cfg.smoothquant:
+    if cfg.smoothquant or cfg.act_observer:
         if calib is None:
-            raise BadInput("int8 with smoothquant needs calibration data (calib=...; or set smoothquant: false)")
-        firsts = [names[0] for _, names in groups]
-        amax = observe_inputs(model, firsts, calib, progress)
-        for _, names in groups:
-            ws = [modules[n].weight for n in names]
-            s = smoothquant_scales(amax[names[0]], ws, cfg.alpha)
-            for n in names:
-                smooth[n] = s
+            raise BadInput("int8 with smoothquant or act_observer needs calibration data (calib=...; "
+                           "or set smoothquant: false)")
+    if cfg.smoothquant:
+        smooth, extra = _smoothing(model, cfg, groups, modules, calib, progress)
+    if cfg.act_observer:  # a second pass: the static scale is of the smoothed input
+        extra |= {"act_observer": cfg.act_observer,
+                  "act_scales": _static_act_scales(model, cfg, groups, smooth, calib)}
     for _, names in groups:
         for n in names:
             lin = modules[n]
@@ -83,7 +125,7 @@ def _int8(model, cfg: Int8Config, calib, progress, ctx=None):
         model.transform("fuse_qkv")
         transforms.append("fuse_qkv")
     return {"method": "int8", "quantized": done, "skipped": [f"{n}: {why}" for n, why in skipped],
-            "transforms": transforms}
+            "transforms": transforms, **extra}
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:

@@ -65,14 +65,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="runtime whose patterns the quantized ops lower to (tensorrt: symmetric static QDQ)")
     e.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default 18, raised to 21 for blocked int4/int8 DequantizeLinear, 19 for FP8)")
-    e.add_argument("--int8-mode", choices=["fast", "exact"], default="fast",
-                   help="int8 on onnxruntime: fast (DynamicQuantizeMatMul, per-tensor activations except "
-                        "calibrated outlier layers) or exact (lathe's per-token math, slower)")
+    e.add_argument("--int8-mode", choices=["fast", "hybrid", "exact"], default="fast",
+                   help="int8 on onnxruntime: fast (DynamicQuantizeMatMul, per-tensor activations), hybrid "
+                        "(fast + calibrated outlier layers per token) or exact (lathe's per-token math, slower)")
     e.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
                    help="int4 MatMulNBits accuracy_level (4: int8 activations, fastest; 0: fp32)")
     e.add_argument("--external-data", action="store_true",
                    help="weights in model.onnx.data beside the graph (automatic past 2 GB)")
     e.add_argument("--slim", action="store_true", help="simplify with onnxslim (pip install onnxslim)")
+    e.add_argument("--calib-method", choices=["minmax", "percentile", "mse", "entropy"], default="minmax",
+                   help="--target tensorrt: how the static activation amax is chosen (minmax: max |x|; "
+                        "the others may clip outliers)")
     e.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     e.add_argument("--lint", choices=["tensorrt"], help="check the ONNX for TensorRT readiness (exit 3 on errors)")
     e.add_argument("--min-shapes", help="TensorRT profile, e.g. input_ids:1x1,attention_mask:1x1")
@@ -141,7 +144,8 @@ def _export(a):
 
     out, report = export_onnx(a.src, a.out, a.target, a.opset, validate=not a.no_validate,
                               int8_mode=a.int8_mode, accuracy_level=a.accuracy_level,
-                              external_data=True if a.external_data else None, slim=a.slim)
+                              external_data=True if a.external_data else None, slim=a.slim,
+                              calib_method=a.calib_method)
     if report:
         print(report.summary())
     print(f"wrote {out}")
