@@ -1,9 +1,12 @@
 """ONNX export with torch.onnx.export(dynamo=True), dynamic batch and sequence axes, lathe's
 op lowerings, and validation against PyTorch on onnxruntime every time.
 
-Targets: `onnxruntime` (dynamic per-token int8 through MatMulInteger, lathe's exact integer
-math) and `tensorrt` (symmetric static QDQ, which TensorRT accepts; the activation scales are
-calibrated here on lathe's calibration texts, see calibrate_act_scales)."""
+Targets: `onnxruntime` (int8 through DynamicQuantizeLinear/MatMulInteger, which onnxruntime
+fuses, or lathe's exact per-token math; int4 as MatMulNBits) and `tensorrt` (symmetric static
+QDQ, which TensorRT accepts, with activation scales calibrated here on lathe's calibration
+texts, see calibrate_act_scales; int4 as blocked INT4 DequantizeLinear). Per format, see
+lathe.export.lowering and lathe.export.weight_only; decoders: lathe.export.decoder; writing
+(external data, onnxslim): lathe.export.save."""
 from __future__ import annotations
 
 import io
@@ -24,7 +27,7 @@ def _example_inputs(model_dir, batch: int = 2, seq: int = 16):
 
 
 def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
-                         max_act_error: float = 0.08, error_texts: int = 32) -> dict:
+                         max_act_error: float = 0.08, error_texts: int = 32, method: str = "minmax") -> dict:
     """Static per-tensor activation scales for the tensorrt target: {"<module>.weight": scale}.
 
     Runs the lathe model on calibration text (lathe.text.calibration_texts unless `texts`)
@@ -37,7 +40,10 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     module quantized). A second pass measures each module's relative output error
     ||(Q(x) - x) W^T|| / ||x W^T|| on the first `error_texts` texts; a module above
     `max_act_error` gets scale None: the lowering keeps its activations in floating point
-    (weight-only int8 DQ, no activation Q/DQ). max_act_error=float("inf") quantizes all."""
+    (weight-only int8 DQ, no activation Q/DQ). max_act_error=float("inf") quantizes all.
+    method: how amax is chosen, minmax (max |x|) or a histogram observer that may clip:
+    percentile, mse, entropy (lathe.compress.calibrate.make_observer)."""
+    from lathe.compress.calibrate import make_observer
     from lathe.compress.modules import QLinearW8A8
     from lathe.text import Tokenizer, batches, calibration_texts
 
@@ -48,6 +54,7 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     if not texts:
         raise BadInput("calibration needs at least one text")
     tok = Tokenizer(model_dir)
+    obs = None if method == "minmax" else {n: make_observer(method, name=n) for n in mods}
     amax = dict.fromkeys(mods, 0.0)
     err = {n: [0.0, 0.0] for n in mods}
     state = {}
@@ -63,7 +70,10 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
             if not x.numel():
                 return
             if state["pass"] == 0:
-                amax[name] = max(amax[name], float(x.abs().max()))
+                if obs is None:
+                    amax[name] = max(amax[name], float(x.abs().max()))
+                else:
+                    obs[name].update(x, name)
                 return
             s = amax[name] / 127.0 if amax[name] > 0 else 1.0
             xq = torch.clamp(torch.round(x / s), -128, 127) * s
@@ -77,6 +87,8 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
         with torch.inference_mode():
             for p, subset in ((0, texts), (1, texts[:error_texts] if max_act_error != float("inf") else [])):
                 state["pass"] = p
+                if p == 1 and obs is not None:  # the observers' clip, before the error pass
+                    amax.update({n: float(o.amax()) for n, o in obs.items() if o.batches})
                 for b in batches(tok, subset, batch_size):
                     state["mask"] = b["attention_mask"]
                     model(**b)
@@ -92,55 +104,126 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
 
 
 def export_model(model, example: dict, out: Path, target: str = "onnxruntime", opset: int = 18,
-                 act_scales: dict | None = None):
-    """act_scales: static activation scales for target tensorrt (calibrate_act_scales)."""
+                 act_scales: dict | None = None, int8_mode: str = "fast", exact: set | None = None,
+                 accuracy_level: int = 4, external_data: bool | None = None, dynamic: dict | None = None,
+                 output_names=("last_hidden_state",), input_names=None):
+    """act_scales: static activation scales for target tensorrt (calibrate_act_scales).
+    exact: int8 modules (weight buffer names) kept on the exact per-token lowering in int8_mode
+    "hybrid". dynamic: torch.export dynamic shapes per input (default: batch and seq on axes 0
+    and 1 of every input). external_data: None = only past the 2 GB protobuf limit."""
     from torch.export import Dim
 
-    from lathe.compress.checkpoint import atomic_file
     from lathe.export.lowering import translation_table
+    from lathe.export.save import save_ir
+    from lathe.export.weight_only import Buffers
 
-    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=512)
-    names = list(example)
-    dyn = {n: {0: batch, 1: seq} for n in names}
+    names = list(input_names or example)
+    if dynamic is None:
+        batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=512)
+        dynamic = {n: {0: batch, 1: seq} for n in names}
+    table = translation_table(target, opset, act_scales, int8_mode, exact, Buffers(model), accuracy_level)
     with torch.inference_mode(False), torch.no_grad():
         # The exporter is chatty on stdout; lathe prints its own summary.
         with redirect_stdout(io.StringIO()):
             prog = torch.onnx.export(
                 model, (), kwargs=dict(example), dynamo=True, opset_version=opset,
-                input_names=names, output_names=["last_hidden_state"], dynamic_shapes=dyn,
-                custom_translation_table=translation_table(target, opset, act_scales), optimize=True,
-                verbose=False)
-    with atomic_file(Path(out)) as tmp:
-        prog.save(str(tmp))
-    return Path(out)
+                input_names=names, output_names=list(output_names), dynamic_shapes=dynamic,
+                custom_translation_table=table, optimize=True, verbose=False)
+    prog.model.graph.sort()  # the exporter's optimizer can leave a node before its input's producer
+    return save_ir(prog.model, Path(out), external_data)
 
 
-def export_onnx(src, out, target: str = "onnxruntime", opset: int = 18, validate: bool = True,
-                batch: int = 2, seq: int = 16, calib=None):
+# Compared on their PyTorch reference: the graph computes the format's exact math.
+REFERENCE_OPS = ("linear_w4a16",)
+
+
+def precision_of(model, target: str, int8_mode: str, accuracy_level: int) -> str:
+    """The validation tolerance (lathe.export.validate.TOLERANCE) for the loosest module kind."""
+    from lathe.compress.modules import QLinearFP8, QLinearW4A16, QLinearW8A8, QLinearW8A16
+
+    kinds = {type(m) for m in model.modules()}
+    if QLinearW8A8 in kinds:
+        return "int8-static" if target == "tensorrt" else {"exact": "int8"}.get(int8_mode, "int8-" + int8_mode)
+    if QLinearFP8 in kinds:
+        return "fp8"
+    if QLinearW4A16 in kinds and target == "onnxruntime" and accuracy_level >= 2:
+        return "int4-a8"  # MatMulNBits computes in fp16/bf16/int8 (4: int8 activations per block)
+    if QLinearW4A16 in kinds or QLinearW8A16 in kinds:
+        return "weight-only"
+    return "fp32"
+
+
+def fast_exact_modules(model, model_dir, calib=None, max_act_error: float = 0.08) -> set:
+    """int8 modules that int8_mode "hybrid" keeps on the exact per-token lowering: those whose
+    activations one per-tensor scale represents badly (calibrate_act_scales measures it; in
+    MiniLM the FFN down-projections of layers 0-3)."""
+    scales = calibrate_act_scales(model, model_dir, calib, max_act_error=max_act_error)
+    return {k for k, v in scales.items() if v is None}
+
+
+def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None, validate: bool = True,
+                batch: int = 2, seq: int = 16, calib=None, int8_mode: str = "fast",
+                accuracy_level: int = 4, external_data: bool | None = None, slim: bool = False,
+                calib_method: str = "minmax"):
     """Export checkpoint `src` (HF or lathe compressed) to `out`; returns (path, report).
 
     target "tensorrt": int8 linears become symmetric static QDQ; their activation scales are
     calibrated on `calib` (a list of texts; default lathe.text.calibration_texts()). Modules
     compressed with per-token asymmetric activations are exported symmetric (TensorRT accepts
-    zero point 0 only), so the graph is validated with the looser "int8-static" tolerance."""
+    zero point 0 only), so the graph is validated with the looser "int8-static" tolerance.
+    target "onnxruntime", int8_mode "fast" (default): per-tensor activations that onnxruntime
+    fuses into DynamicQuantizeMatMul (at least as fast as its own quantize_dynamic, better
+    quality); "hybrid": fast with the outlier modules (calibrated) on the exact per-token
+    lowering (close to lathe's quality, about the same speed); "exact": lathe's per-token math
+    everywhere (slower on onnxruntime). See lathe.export.lowering. accuracy_level: MatMulNBits'
+    (int4 on onnxruntime; 4 = int8 activations, 0 = fp32). opset: default 18, raised to what the
+    modules need (21 for blocked int4/int8 DequantizeLinear, 19 for FP8). Llama decoders
+    export with their KV cache (lathe.export.decoder). external_data: None = automatic past
+    2 GB. slim: simplify with onnxslim, then validate. calib_method: the tensorrt target's
+    activation amax (minmax, percentile, mse, entropy; see calibrate_act_scales)."""
     import lathe
-    from lathe.export.lowering import TARGETS
+    from lathe.export.lowering import INT8_MODES, TARGETS
     from lathe.export.validate import validate_onnx
+    from lathe.export.weight_only import needs_opset
     from lathe.source import open_source, writable_parent
 
-    if opset < 18:
+    if opset is not None and opset < 18:
         raise BadInput(f"opset {opset} is too old: lathe exports opset 18 or newer")
     if target not in TARGETS:
         raise BadInput(f"unknown export target {target!r}: expected one of {', '.join(TARGETS)}")
+    if int8_mode not in INT8_MODES:
+        raise BadInput(f"unknown int8 mode {int8_mode!r}: expected one of {', '.join(INT8_MODES)}")
+    from lathe.compress.calibrate import METHODS
+    if calib_method not in METHODS:
+        raise BadInput(f"unknown calibration method {calib_method!r}: expected one of {', '.join(METHODS)}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise BadInput(f"accuracy_level must be 0-4 (MatMulNBits), got {accuracy_level}")
+    if slim:
+        try:
+            import onnxslim  # noqa: F401
+        except ImportError:
+            raise BadInput("--slim needs the onnxslim package: pip install onnxslim") from None
     source = open_source(src)
     out = writable_parent(out)
     model = lathe.load(source.path)
+    need = needs_opset(model, target)
+    if opset is not None and opset < need:
+        raise BadInput(f"opset {opset} is too old for this model's quantized modules: it needs {need}")
+    opset = max(opset or 18, need)
+    if source.model_type == "llama":
+        from lathe.export.decoder import export_decoder
+        return export_decoder(model, source, out, target, opset, validate, accuracy_level,
+                              external_data, slim)
     example = _example_inputs(source.path, batch, seq)
-    scales = calibrate_act_scales(model, source.path, calib) if target == "tensorrt" else None
-    export_model(model, example, out, target, opset, scales)
-    precision = None
-    if source.is_compressed and target == "tensorrt":
-        precision = "int8-static"
-    report = (validate_onnx(out, model, source.path, quantized=source.is_compressed, precision=precision)
-              if validate else None)
+    scales = (calibrate_act_scales(model, source.path, calib, method=calib_method)
+              if target == "tensorrt" else None)
+    exact = (fast_exact_modules(model, source.path, calib)
+             if target == "onnxruntime" and int8_mode == "hybrid" else None)
+    export_model(model, example, out, target, opset, scales, int8_mode, exact, accuracy_level, external_data)
+    if slim:
+        from lathe.export.save import slim as slim_file
+        slim_file(out)
+    precision = precision_of(model, target, int8_mode, accuracy_level) if source.is_compressed else "fp32"
+    report = (validate_onnx(out, model, source.path, quantized=source.is_compressed, precision=precision,
+                            reference_ops=REFERENCE_OPS) if validate else None)
     return out, report

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from lathe.errors import BadInput
 
-ALL = ("torch", "compile", "lathe", "lathe-fp32", "onnxruntime", "ort-int8", "lathe-onnx", "lathe-onnx-exact")
+ALL = ("torch", "compile", "lathe", "lathe-fp32", "onnxruntime", "ort-int8", "lathe-onnx", "lathe-onnx-hybrid",
+       "lathe-onnx-exact")
 DEFAULT = ("torch", "lathe", "onnxruntime", "ort-int8", "lathe-onnx")
 REFERENCE = "torch fp32"
 
@@ -70,11 +71,12 @@ def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128,
         p, v = export_onnx(tgt.path, workdir / "model-lathe.onnx")
         log("  " + v.summary())
         specs.append(Spec("onnxruntime", str(p), f"{name} ONNX on onnxruntime"))
-    if "lathe-onnx-exact" in backends and tgt.is_compressed:  # int8: lathe's per-token math
-        log(f"exporting {tgt.path.name} to ONNX (exact int8 lowering) ...")
-        p, v = export_onnx(tgt.path, workdir / "model-lathe-exact.onnx", int8_mode="exact")
-        log("  " + v.summary())
-        specs.append(Spec("onnxruntime", str(p), f"{name} ONNX exact on onnxruntime"))
+    for mode in ("hybrid", "exact"):  # the other int8 lowerings (lathe.export.lowering)
+        if f"lathe-onnx-{mode}" in backends and tgt.is_compressed:
+            log(f"exporting {tgt.path.name} to ONNX ({mode} int8 lowering) ...")
+            p, v = export_onnx(tgt.path, workdir / f"model-lathe-{mode}.onnx", int8_mode=mode)
+            log("  " + v.summary())
+            specs.append(Spec("onnxruntime", str(p), f"{name} ONNX {mode} on onnxruntime"))
     log(f"timing {len(specs)} backends x batches {list(batches)} at seq {seq}"
         + (" (each in its own process)" if isolate else "") + " ...")
     return run_grid(specs, src.path, batches, seq, min_runs, min_seconds, max_seconds,

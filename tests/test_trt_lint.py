@@ -216,7 +216,7 @@ def test_lint_cli_on_tensorrt_target_exits_0(trt_int8_export, minilm_int8, tmp_p
     from lathe import cli
     from lathe.export import onnx as onnx_mod
 
-    def fake_export(src, out, target, opset, validate=True):
+    def fake_export(src, out, target, opset, validate=True, **kw):
         assert target == "tensorrt"
         shutil.copy(trt_int8_export[0], out)
         return out, trt_int8_export[1]
