@@ -10,8 +10,9 @@ same global batch computes the same loss and gradients as one process):
   loss of the mean-pooled sentence embedding.
 
 Data: `data` (a text file: for encoders one example a line; for decoders one corpus, cut
-into windows) or, by default, lathe.text.training_texts (encoders: stdlib docstring sentences, never
-lathe's evaluation sentences) or the decoder LM's training split of the stdlib source
+into windows) or, by default, lathe.text.augmented_texts (encoders: stdlib docstring
+sentences, short spans of them and random sequences of vocabulary words; never lathe's
+evaluation sentences) or the decoder LM's training split of the stdlib source
 (lathe.bench.perplexity, never the held-out files). The batch of step s depends only on
 (seed, s), which makes a resumed run see the same data as an uninterrupted one.
 
@@ -240,7 +241,7 @@ class _Data:
                 raise BadInput(f"distill.data holds {len(self.stream)} tokens; seq_len {cfg.seq_len} "
                                "needs more")
         else:
-            texts = text.read_lines(cfg.data) if cfg.data else list(text.training_texts())
+            texts = text.read_lines(cfg.data) if cfg.data else text.augmented_texts(path, cfg.seed)
             enc = text.Tokenizer(path)(texts, cfg.seq_len)
             self.enc = {k: v for k, v in enc.items()}
             self.n = len(texts)

@@ -256,16 +256,22 @@ def _head_plan(parts, cfg, act, grad):
     return heads, list(range(G))
 
 
+REFIT_MIN_TOKENS = 3  # calibration tokens per fitted column below which refit is skipped
+
+
 def refit(lin: nn.Linear, keep: torch.Tensor, G: torch.Tensor, damp: float = 1e-4):
     """lin restricted to input columns `keep`, refitted by ridge least squares so that
     W' x[keep] + b' matches W x + b over the calibration activations whose Gram matrix (with
-    the ones column last) is G. Returns (weight, bias) for the sliced Linear."""
+    the ones column last) is G. Returns (weight, bias) for the sliced Linear, or None when
+    the calibration set is too small for a fit that generalises (then the plain cut is kept)."""
     K = lin.in_features
     W = lin.weight.detach().double()
     has_b = lin.bias is not None
     Wa = torch.cat([W, lin.bias.detach().double()[:, None]], 1) if has_b else W
     cols = torch.cat([keep, torch.tensor([K])]) if has_b else keep
     Gfull = G if has_b else G[:K, :K]
+    if float(G[K, K]) < REFIT_MIN_TOKENS * len(cols):  # too few tokens: the fit would overfit
+        return None
     A = Gfull[cols][:, cols].clone()
     A.diagonal().add_(damp * A.diagonal().mean())
     C = Wa @ Gfull[:, cols]  # [N, |cols|]

@@ -104,6 +104,39 @@ def training_texts() -> tuple:
     return tuple(t for t in out if t not in held)
 
 
+def augmented_texts(model_dir, seed: int = 0) -> list:
+    """Distillation text for encoders: training_texts(), plus a short span (1-6 words) of each,
+    plus as many random word sequences (1-16 whole words of the model's own vocabulary, random
+    case and punctuation). Docstrings alone are long technical prose; the spans and word
+    sequences teach the student the short, conversational inputs a sentence encoder also
+    meets, without any evaluation data (data-free distillation in the style of random-token
+    inputs)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    base = list(training_texts())
+    spans = []
+    for t in base:
+        w = t.split()
+        n = rng.randint(1, min(6, len(w)))
+        i = rng.randint(0, len(w) - n)
+        spans.append(" ".join(w[i:i + n]))
+    try:
+        vocab = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    except (OSError, KeyError, ValueError):
+        vocab = {}
+    words = sorted(w for w in vocab if w.isalpha() and w.isascii() and len(w) > 1)
+    salad = []
+    if words:
+        for _ in range(len(base)):
+            n = rng.choice([1, 1, 2, 2, 3, 4, 5, 6, 8, 10, 12, 16])
+            t = " ".join(rng.choice(words) for _ in range(n))
+            t = t.capitalize() if rng.random() < 0.6 else t
+            salad.append(t + rng.choice(["", ".", "!", "?", "...", "?!"]))
+    return base + spans + salad
+
+
 class Tokenizer:
     """A checkpoint's tokenizer.json through the `tokenizers` library (no transformers import)."""
 
