@@ -56,6 +56,8 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
 
     comp = open_source(out)
     source = open_source(src)
+    if source.is_compressed:  # a chained run (pruned -> int8): compare with the original model
+        source = open_source(source.manifest["source"]["path"])
     ref, test = lathe.load(source.path), lathe.load(comp.path)
     row = {"recipe": (comp.manifest or {}).get("recipe", {}).get("name", "?"),
            "backend": (comp.manifest or {}).get("report", {}).get("backend", "lathe"),

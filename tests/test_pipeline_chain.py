@@ -33,6 +33,11 @@ def test_prune_then_int8_in_two_runs(tmp_path, minilm):
     assert torch.isfinite(model(ids)).all()
     with pytest.raises(BadInput, match="quantized"):
         lathe.compress_checkpoint(q, "int8", tmp_path / "again")
+    # the summary of a chained run compares with the original model, not the parent
+    from lathe.summary import summarize, weights_bytes
+
+    row = summarize(pruned, q, reps=1, n_sentences=8)
+    assert row["size_src"] == weights_bytes(minilm) > weights_bytes(pruned)
 
 
 def load_recipe_from(tmp_path, fields: str):
