@@ -396,8 +396,7 @@ def _wrap(student):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dev = next(student.parameters()).device
-    return DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None,
-               broadcast_buffers=False)
+    return DDP(student, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def sparsity_masks(model) -> list:

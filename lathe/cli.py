@@ -122,8 +122,14 @@ def _compress(a):
     import lathe
     from lathe.progress import Progress
 
-    logging.basicConfig(level=logging.INFO, format="lathe: %(message)s")  # distill's loss lines
-    out = lathe.compress_checkpoint(a.src, a.recipe, a.out, a.calib, progress=Progress(), backend=a.backend)
+    # distill's loss lines, and progress, from one process only under torchrun
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="lathe: %(message)s")
+    from lathe.compress import distributed as dist
+
+    out = lathe.compress_checkpoint(a.src, a.recipe, a.out, a.calib, progress=Progress() if main_rank else None, backend=a.backend)
+    if not dist.is_main():  # under torchrun rank 0 wrote the output and reports it
+        return 0
     print(f"wrote {out}")
     if a.vllm_export:
         from lathe.compress.vllm_config import export_compressed_tensors
