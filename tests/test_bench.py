@@ -83,3 +83,12 @@ def test_decoder_scenario(tmp_path):
     fp32, int8 = (doc["quality"][k]["perplexity"] for k in ("lathe fp32", "lathe int8-dynamic"))
     assert int8 < fp32 * 1.05  # int8 W8A8 costs little perplexity on this model
     assert "decode tok/s" in decoder.table(doc)
+
+
+def test_paired_ratio_of_a_model_to_itself(minilm):
+    from lathe.bench.paired import paired
+
+    r = paired(minilm, minilm, batch=1, seq=16, pairs=6, warmup=1)
+    assert r["pairs"] == 6 and r["a_p50_ms"] > 0 and r["b_p50_ms"] > 0
+    assert r["ratio_q25"] <= r["ratio_median"] <= r["ratio_q75"]
+    assert 0.2 < r["ratio_median"] < 5  # the same model: a ratio near 1, whatever the noise

@@ -1,0 +1,67 @@
+"""`python -m lathe.bench.paired A B`: the latency ratio of model B to model A (lathe.load
+directories, encoders) measured interleaved, A then B, pair after pair, so machine noise hits
+both alike; prints the median per-pair ratio and its quartiles. For a shared, noisy machine,
+where two separate timing runs can differ by 50%."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def paired(a_dir, b_dir, batch: int = 8, seq: int = 128, pairs: int = 40, warmup: int = 3) -> dict:
+    import torch
+
+    import lathe
+    from lathe import text
+    from lathe.source import open_source
+
+    a, b = lathe.load(a_dir), lathe.load(b_dir)
+    tok = text.Tokenizer(open_source(a_dir).path)
+    x = tok(text.eval_sentences()[:batch], seq_len=seq)
+
+    def once(m):
+        t0 = time.perf_counter()
+        m(**x)
+        return time.perf_counter() - t0
+
+    ta, tb = [], []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            once(a), once(b)
+        for _ in range(pairs):
+            ta.append(once(a))
+            tb.append(once(b))
+    r = [y / x_ for x_, y in zip(ta, tb)]
+    q = statistics.quantiles(r, n=4)
+    return {"a": str(a_dir), "b": str(b_dir), "batch": batch, "seq": seq, "pairs": pairs,
+            "a_p50_ms": 1e3 * statistics.median(ta), "b_p50_ms": 1e3 * statistics.median(tb),
+            "ratio_median": statistics.median(r), "ratio_q25": q[0], "ratio_q75": q[2]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lathe.bench.paired", description=__doc__.split("\n")[0])
+    ap.add_argument("a")
+    ap.add_argument("b")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=40)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    res = paired(args.a, args.b, args.batch, args.seq, args.pairs)
+    print(f"B/A latency, b{args.batch} s{args.seq}: median {res['ratio_median']:.3f} "
+          f"(quartiles {res['ratio_q25']:.3f}-{res['ratio_q75']:.3f}); "
+          f"A {res['a_p50_ms']:.1f} ms, B {res['b_p50_ms']:.1f} ms")
+    if args.json:
+        from pathlib import Path
+
+        from lathe.compress.checkpoint import atomic_file
+
+        with atomic_file(Path(args.json)) as t:
+            t.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
