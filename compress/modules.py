@@ -99,6 +99,13 @@ class QLinearW8A8(nn.Module):
 QUANT_MODULES = {"QLinearW8A8": QLinearW8A8}
 
 
+def _copy_bias(m: nn.Module, lin: nn.Linear, name: str):
+    """lin's bias (checked finite) into the quantized module's fp32 bias buffer."""
+    if lin.bias is not None:
+        check_finite(f"bias of {name}", lin.bias)
+        m.bias.copy_(lin.bias.detach().float())
+
+
 def register_module(cls):
     """Let checkpoints record and rebuild `cls` (a module with manifest_args(); e.g. the
     low-rank factorised Linear of lathe.compress.lowrank)."""
@@ -155,9 +162,7 @@ class QLinearW4A16(nn.Module):
         m.zeros.copy_(z)
         if smooth is not None:
             m.smooth.copy_(1.0 / smooth.float())
-        if lin.bias is not None:
-            check_finite(f"bias of {name}", lin.bias)
-            m.bias.copy_(lin.bias.detach().float())
+        _copy_bias(m, lin, name)
         return m.prepare()
 
     @classmethod
@@ -247,9 +252,7 @@ class QLinearW8A16(nn.Module):
         q, s = m.format.quantize(lin.weight)
         m.qweight.copy_(q)
         m.scales.copy_(s)
-        if lin.bias is not None:
-            check_finite(f"bias of {name}", lin.bias)
-            m.bias.copy_(lin.bias.detach().float())
+        _copy_bias(m, lin, name)
         return m.prepare()
 
     def prepare(self):
@@ -313,9 +316,7 @@ class QLinearFP8(nn.Module):
         q, s = m.format.quantize(lin.weight)
         m.weight.copy_(q)
         m.weight_scale.copy_(s)
-        if lin.bias is not None:
-            check_finite(f"bias of {name}", lin.bias)
-            m.bias.copy_(lin.bias.detach().float())
+        _copy_bias(m, lin, name)
         return m.prepare()
 
     def prepare(self):
