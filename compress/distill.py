@@ -18,8 +18,9 @@ evaluation sentences) or the decoder LM's training split of the stdlib source
 
 Training: AdamW, linear warmup then cosine decay (to 10% of lr), gradient clipping, a
 checkpoint every save_every steps (and on Ctrl-C) in ctx.work_dir, resumed when the same step
-(same config and the same starting weights) runs again. Under torchrun: DDP (`fsdp: true` is
-refused for now), each rank takes its share of each global batch; only rank 0 writes.
+(same config and the same starting weights) runs again. Under torchrun: DDP, or with
+`fsdp: true` FSDP (lathe.compress.fsdp: parameters, gradients and optimizer state sharded over
+the ranks); each rank takes its share of each global batch; only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ log = logging.getLogger("lathe.distill")
 SPARSE_MIN = 0.2  # keep_sparsity: the fraction of zeros that marks a weight as pruned
 QAT_GROUP = 128  # int4 QAT: lathe's Int4Group default group size
 MIN_LR_RATIO = 0.1  # cosine floor, a fraction of lr (as scripts/train_decoder.py)
+CKPT_FORMAT = 2  # 2: full state dicts keyed by parameter name (lathe.compress.fsdp)
 
 
 def _num(name, v, lo=None, hi=None, integer=False, lo_open=False):
@@ -75,7 +77,7 @@ class DistillConfig:
     save_every: int = 50  # steps between checkpoints in the work folder; 0: only on Ctrl-C
     qat: str = "none"  # none | int8 | int4: fake-quantize the student's Linear weights (STE)
     grad_clip: float = 1.0  # max global grad norm; 0: off
-    fsdp: bool = False  # under torchrun: FSDP instead of DDP (not implemented yet: refused)
+    fsdp: bool = False  # under torchrun: FSDP (sharded student) instead of DDP
     seed: int = 0
     log_every: int = 10
     # keep pruned weights at zero: a Linear whose weight is at least SPARSE_MIN zeros (a pruned
@@ -351,22 +353,31 @@ def _fingerprint(cfg, model) -> str:
 
 
 def _save(path, model, opt, sched, step, losses):
-    """Atomic; tensors, ints, floats and lists only, so torch.load(weights_only=True) reads it."""
+    """Atomic; tensors, ints, floats, strings and lists only, so torch.load(weights_only=True)
+    reads it. Full state dicts keyed by name (lathe.compress.fsdp), gathered on every rank
+    (collective when the model is sharded), written by rank 0."""
+    from lathe.compress import fsdp
     from lathe.compress.checkpoint import atomic_file
 
-    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "optim": opt.state_dict(), "sched": sched.state_dict(), "step": int(step),
-             "losses": torch.tensor(losses, dtype=torch.float64), "rng": torch.get_rng_state()}
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    state = {"model": fsdp.model_state(model), "optim": fsdp.optim_state(model, opt),
+             "sched": sched.state_dict(), "step": int(step),
+             "losses": torch.tensor(losses, dtype=torch.float64), "rng": torch.get_rng_state(),
+             "format": CKPT_FORMAT}
+    if path is not None and dist.is_main():
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
 
 
 def _load(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: start over rather than fail
         log.warning("distill: ignoring unreadable checkpoint %s (%s)", path, e)
         return None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        log.warning("distill: ignoring checkpoint %s written by an older lathe", path)
+        return None
+    return state
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -417,10 +428,6 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     if describe_modules(model):
         raise BadInput("distill must run before the quantization steps of a recipe (it trains fp "
                        "weights); use distill.qat for quantization-aware training")
-    if cfg.fsdp and dist.is_distributed():
-        # FSDP shards parameters into DTensors; gathering them back for checkpoints and the
-        # final save is not written yet
-        raise BadInput("distill.fsdp is not supported yet; use DDP (fsdp: false)")
     decoder = _is_decoder(model)
     hw = cfg.hidden_weight if cfg.hidden_weight is not None else \
         (1.0 if (not decoder or cfg.layer_map is not None) else 0.0)
@@ -433,36 +440,46 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     dev = next(model.parameters()).device
     teacher = ctx.teacher().to(dev)
     s_layers, t_layers = _layers(model), _layers(teacher)
+    fingerprint = _fingerprint(cfg, model) if ctx.work_dir is not None else None
+    use_fsdp = cfg.fsdp and dist.is_distributed()
+    if use_fsdp:  # train a sharded copy; its full weights come back into `model` at the end
+        from lathe.compress import fsdp
+
+        student = fsdp.shard(model, _layers)
+        s_layers = _layers(student)
+    else:
+        student = model
     pairs = cfg.pairs(len(s_layers), len(t_layers)) if hw > 0 else []
     data = _Data(cfg, ctx, decoder)
     s_cap = _Capture(s_layers, [i for i, _ in pairs])
     t_cap = _Capture(t_layers, [j for _, j in pairs])
 
     torch.manual_seed(cfg.seed)
-    opt = _optimizer(model, cfg)
+    opt = _optimizer(student, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     ckpt = None
-    if ctx.work_dir is not None:
-        ckpt = ctx.work_dir / f"distill-{_fingerprint(cfg, model)}.pt"
+    if fingerprint is not None:
+        ckpt = ctx.work_dir / f"distill-{fingerprint}.pt"
     start, losses = 0, []
     state = _load(ckpt) if ckpt is not None and ckpt.is_file() else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
+        from lathe.compress import fsdp
+
+        fsdp.load(student, opt, state["model"], state["optim"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
         start, losses = int(state["step"]), state["losses"].tolist()
         log.info("distill: resuming from step %d/%d (%s)", start, cfg.steps, ckpt)
-    masks = sparsity_masks(model) if cfg.keep_sparsity else []
-    qat_names, qat_skipped, undo_qat = enable_qat(model, cfg.qat) if cfg.qat != "none" else ([], [], None)
+    masks = sparsity_masks(student) if cfg.keep_sparsity else []
+    qat_names, qat_skipped, undo_qat = enable_qat(student, cfg.qat) if cfg.qat != "none" else ([], [], None)
 
     def save(step):
-        if ckpt is not None and dist.is_main():
-            _save(ckpt, model, opt, sched, step, losses)
+        if ckpt is not None:
+            _save(ckpt, student, opt, sched, step, losses)
 
-    wrapped = _wrap(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    wrapped = student if use_fsdp else _wrap(student)
+    params = [p for p in student.parameters() if p.requires_grad]
+    student.train()
     t0, done = time.time(), start
     try:
         for step in range(start, cfg.steps):
@@ -476,7 +493,7 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
             loss, terms = _loss_terms(cfg, decoder, s_out, t_out, s_cap.out, t_cap.out, pairs,
                                       mask, counts[0], counts[1], hw)
             opt.zero_grad(set_to_none=True)
-            (loss * dist.world()).backward()  # DDP averages gradients over ranks
+            (loss * dist.world()).backward()  # DDP / FSDP average gradients over ranks
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -503,11 +520,17 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
         t_cap.remove()
         if undo_qat:
             undo_qat()
-        model.eval()
+        student.eval()
     save(done)  # a crash in a later recipe step does not redo the distillation
+    if use_fsdp:  # every rank gets the trained full weights back in its plain model
+        from lathe.compress import fsdp
+
+        model.load_state_dict(fsdp.model_state(student))
+        del student, wrapped, opt
     dist.barrier()
     rep = _report(cfg, decoder, losses, start, done, time.time() - t0, pairs, hw, qat_names, qat_skipped)
     rep["sparse_layers_kept"] = len(masks)
+    rep["parallel"] = ("fsdp" if use_fsdp else "ddp") if dist.is_distributed() else None
     return rep
 
 

@@ -1,6 +1,7 @@
 """torch.distributed: 2 CPU processes (gloo, launched by torchrun) give the single-process
-result: the same distillation loss curve for the same global batch, the same calibration
-amax, the same GPTQ Hessian. Run as a script, this file is the torchrun worker."""
+result: the same distillation loss curve for the same global batch (DDP, and FSDP with its
+sharded parameters, masks and checkpoints), the same calibration amax, the same GPTQ Hessian.
+Run as a script, this file is the torchrun worker."""
 import json
 import os
 import socket
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import lathe
@@ -32,8 +34,10 @@ def hessian_inputs():
     return [torch.randn(n, 64, generator=g) for n in (5, 9, 3, 7)]
 
 
-def run_all(data: str) -> dict:
-    """Distill, calibrate, accumulate a Hessian: each rank on its share of the data."""
+def run_all(data: str, fsdp: bool = False, work_dir: str | None = None) -> dict:
+    """Distill, calibrate, accumulate a Hessian: each rank on its share of the data. With a
+    work_dir, distil again afterwards from the same start: that run resumes from the first
+    one's last checkpoint and must end on the same weights."""
     from lathe.compress import distributed as dist
     from lathe.compress.calibrate import observe_inputs
     from lathe.compress.checkpoint import build_model
@@ -43,15 +47,33 @@ def run_all(data: str) -> dict:
     from lathe.source import open_source
 
     src = open_source(DECODER)
-    student = build_model(src)
-    del student.model.layers[2]
-    r = handler(student, DistillConfig(data=data, **CFG), None, None, StepContext(source=src))
+
+    def fresh():
+        m = build_model(src)
+        del m.model.layers[2]
+        with torch.no_grad():  # a pruned layer: distillation must keep its zeros
+            m.model.layers[1].mlp.up_proj.weight[:, ::2] = 0
+        return m
+
+    cfg = DistillConfig(data=data, fsdp=fsdp, **{**CFG, "save_every": 2 if work_dir else 0})
+    ctx = lambda: StepContext(source=src, work_dir=Path(work_dir) if work_dir else None)  # noqa: E731
+    student = fresh()
+    r = handler(student, cfg, None, None, ctx())
+    resumed = None
+    if work_dir:
+        again = fresh()
+        r2 = handler(again, cfg, None, None, ctx())
+        resumed = {"steps_run": r2["steps_run"], "resumed_from": r2["resumed_from"],
+                   "same": all(torch.equal(a, b) for a, b in
+                               zip(again.state_dict().values(), student.state_dict().values()))}
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     amax = observe_inputs(build_model(src), names, dist.shard(calib_batches()))
     acc = HessianAccumulator(64)
     for x in dist.shard(hessian_inputs()):
         acc.update(x)
-    return {"losses": r["loss_curve"], "world": r["world"],
+    up = student.model.layers[1].mlp.up_proj.weight
+    return {"losses": r["loss_curve"], "world": r["world"], "parallel": r["parallel"],
+            "zeros_kept": bool((up[:, ::2] == 0).all()), "resumed": resumed,
             "amax": {n: a.tolist() for n, a in amax.items()}, "H": acc.H.tolist(), "n": acc.n,
             "weight": student.model.layers[0].mlp.down_proj.weight[:4, :4].tolist()}
 
@@ -62,18 +84,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
-    data = corpus(tmp_path / "corpus.txt")
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, the whole global batch (FSDP is a no-op without torchrun)."""
+    data = corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+    return data, run_all(data)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process(tmp_path, single, parallel):
+    data, want = single
     out = tmp_path / "rank0.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, data, str(out)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, data, str(out),
+           parallel, str(tmp_path / "work")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(out.read_text())
-    want = run_all(data)  # one process, the whole global batch
     assert got["world"] == 2 and want["world"] == 1
+    assert got["parallel"] == parallel and want["parallel"] is None
+    assert got["zeros_kept"] and want["zeros_kept"]
+    # the second run resumed from the first one's final (full, gathered) checkpoint
+    assert got["resumed"] == {"steps_run": 0, "resumed_from": CFG["steps"], "same": True}
+    ckpts = list((tmp_path / "work").glob("distill-*.pt"))
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0], weights_only=True)  # full tensors, not shards
+    assert state["model"]["model.layers.1.mlp.up_proj.weight"].shape == \
+        build_student_shape(), "checkpoint holds shards, not full weights"
     # fp32 sums over a different split of the batch: rounding differences of ~1e-7 relative,
     # grown by a few optimizer steps; 1e-4 relative leaves margin and still catches a wrong
     # batch split or gradient scale (those change the loss at the 1e-2 level)
@@ -98,11 +137,18 @@ def test_helpers_single_process():
     assert [list(dist.shard_range(5, r, 2)) for r in range(2)] == [[0, 1], [2, 3, 4]]
 
 
-if __name__ == "__main__":  # the torchrun worker
+def build_student_shape():
+    from lathe.compress.checkpoint import build_model
+    from lathe.source import open_source
+
+    return build_model(open_source(DECODER)).model.layers[1].mlp.up_proj.weight.shape
+
+
+if __name__ == "__main__":  # the torchrun worker: corpus, output json, ddp | fsdp, work dir
     from lathe.compress import distributed as dist
 
     assert dist.init_from_env("gloo"), "run under torchrun with 2 processes"
-    result = run_all(sys.argv[1])
+    result = run_all(sys.argv[1], fsdp=sys.argv[3] == "fsdp", work_dir=sys.argv[4])
     if dist.is_main():
         Path(sys.argv[2]).write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
