@@ -32,17 +32,26 @@ from lathe.compress.gptq import fake_quant, few_threads
 
 
 class ChannelMeanAbs:
-    """Streaming per-input-channel mean |x| over tokens."""
+    """Streaming per-input-channel mean |x| over tokens; all_reduce() combines the ranks'
+    shares under torch.distributed (every rank calls it)."""
 
-    def __init__(self):
-        self.sum = None
+    def __init__(self, in_features: int):
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
         self.n = 0
 
     def update(self, x: torch.Tensor):
         x = x.detach().reshape(-1, x.shape[-1]).float()
         a = x.abs().sum(dim=0, dtype=torch.float64)
-        self.sum = a if self.sum is None else self.sum + a
+        self.sum = self.sum + a
         self.n += x.shape[0]
+
+    def all_reduce(self) -> "ChannelMeanAbs":
+        from lathe.compress import distributed as dist
+
+        if dist.is_distributed():
+            dist.all_reduce_sum_(self.sum)
+            self.n = int(dist.all_reduce_sum_(torch.tensor([float(self.n)], dtype=torch.float64)))
+        return self
 
     @property
     def mean(self) -> torch.Tensor:
@@ -69,8 +78,18 @@ class TokenSample:
         self.parts.append(x[idx].clone())
         self.n += take
 
-    def tensor(self) -> torch.Tensor:
-        return torch.cat(self.parts) if self.parts else torch.empty(0)
+    def tensor(self, width: int | None = None) -> torch.Tensor:
+        """The sample [T, K]; under torch.distributed every rank's, gathered (the same on all
+        ranks) and thinned evenly back to max_tokens. width: K, for a rank with no tokens."""
+        from lathe.compress import distributed as dist
+
+        x = torch.cat(self.parts) if self.parts else torch.empty(0, width or 0)
+        if not dist.is_distributed():
+            return x
+        x = dist.all_gather_rows(x)
+        if x.shape[0] > self.max_tokens:
+            x = x[torch.linspace(0, x.shape[0] - 1, self.max_tokens).round().long()]
+        return x
 
 
 def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -73,6 +73,22 @@ def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     return _reduce_(t, _dist().ReduceOp.MAX) if is_distributed() else t
 
 
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows [n_r, ...] concatenated in rank order (the same tensor on every
+    rank); ranks may hold different row counts, even 0, but the same trailing shape."""
+    if not is_distributed():
+        return t
+    dist = _dist()
+    n = torch.zeros(world(), dtype=torch.long)
+    n[rank()] = t.shape[0]
+    all_reduce_sum_(n)
+    pad = torch.zeros((int(n.max()),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    pad[:t.shape[0]] = t
+    parts = [torch.empty_like(pad) for _ in range(world())]
+    dist.all_gather(parts, pad.contiguous())
+    return torch.cat([p[:int(k)] for p, k in zip(parts, n.tolist())])
+
+
 def barrier():
     if is_distributed():
         _dist().barrier()
@@ -92,4 +108,4 @@ def shard(items):
 
 
 __all__ = ["is_distributed", "rank", "world", "is_main", "init_from_env", "all_reduce_sum_",
-           "all_reduce_max_", "barrier", "shard", "shard_range"]
+           "all_reduce_max_", "all_gather_rows", "barrier", "shard", "shard_range"]

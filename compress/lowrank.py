@@ -115,6 +115,7 @@ def factorize(lin: nn.Linear, rank: int | None = None, energy: float | None = No
 
 def _rms(model, names, calib):
     """Per-input-channel RMS of each named Linear's calibration inputs (one pass)."""
+    from lathe.compress import distributed as dist
     from lathe.compress.weight_only import _token_mask, _tokens
 
     acc, state, hooks = {}, {}, []
@@ -135,7 +136,14 @@ def _rms(model, names, calib):
     finally:
         for h in hooks:
             h.remove()
-    return {n: (s / max(c, 1)).sqrt().float() for n, (s, c) in acc.items()}
+    out = {}
+    for n in names:  # under torchrun: sum every rank's share (a rank may have seen none)
+        s, c = acc.get(n, (torch.zeros(model.get_submodule(n).in_features, dtype=torch.float64), 0))
+        s = dist.all_reduce_sum_(s.clone())
+        c = float(dist.all_reduce_sum_(torch.tensor([float(c)], dtype=torch.float64)))
+        if c:
+            out[n] = (s / c).sqrt().float()
+    return out
 
 
 @register_handler(LowRankConfig)

@@ -191,16 +191,25 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, nm=N
 
 
 class ChannelSqSum:
-    """Running sum of x_j^2 over tokens (for ||X_j||_2), float64."""
+    """Running sum of x_j^2 over tokens (for ||X_j||_2), float64. Under torch.distributed,
+    all_reduce() sums the ranks' shares (every rank calls it)."""
 
-    def __init__(self):
-        self.sq, self.n = None, 0
+    def __init__(self, in_features: int):
+        self.sq, self.n = torch.zeros(in_features, dtype=torch.float64), 0
 
     def update(self, x: torch.Tensor):
         x = x.detach().reshape(-1, x.shape[-1]).double()
         s = x.pow(2).sum(0)
-        self.sq = s if self.sq is None else self.sq + s
+        self.sq = self.sq + s
         self.n += x.shape[0]
+
+    def all_reduce(self) -> "ChannelSqSum":
+        from lathe.compress import distributed as dist
+
+        if dist.is_distributed():
+            dist.all_reduce_sum_(self.sq)
+            self.n = int(dist.all_reduce_sum_(torch.tensor([float(self.n)], dtype=torch.float64)))
+        return self
 
     @property
     def norm(self) -> torch.Tensor:
@@ -281,8 +290,9 @@ def _prune(model, cfg: PruneConfig, calib, progress, ctx=None):
 
         def process(names, stream):
             if cfg.algo == "wanda":
-                acc = ChannelSqSum()
+                acc = ChannelSqSum(model.get_submodule(names[0]).in_features)
                 stream(acc.update)
+                acc.all_reduce()
             else:
                 acc = HessianAccumulator(model.get_submodule(names[0]).in_features)
                 stream(acc.update)

@@ -147,10 +147,10 @@ def _activation_stats(model, spec, n_layers, calib, progress, gram: bool = False
     def sq(i, key):
         def pre(mod, args):
             x = _tokens(args[0].detach(), state["mask"]).double()
-            stats[i][key] = stats[i][key] + x.pow(2).sum(0)
+            stats[i][key] += x.pow(2).sum(0)
             if gram:
                 xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-                stats[i]["G_" + key] = stats[i].get("G_" + key, 0) + xa.T @ xa
+                stats[i]["G_" + key] += xa.T @ xa
         return pre
 
     def block_hook(i):
@@ -163,6 +163,11 @@ def _activation_stats(model, spec, n_layers, calib, progress, gram: bool = False
 
     for i in range(n_layers):
         p = _Parts(model, spec, i)
+        for key, part in (("o", "o"), ("ffn", "ffn_out")):  # sized up front: every rank reduces all
+            k = p.get(part).in_features
+            stats[i][key] = torch.zeros(k, dtype=torch.float64)
+            if gram:
+                stats[i]["G_" + key] = torch.zeros(k + 1, k + 1, dtype=torch.float64)
         hooks += [p.get("o").register_forward_pre_hook(sq(i, "o")),
                   p.get("ffn_out").register_forward_pre_hook(sq(i, "ffn")),
                   p.block.register_forward_hook(block_hook(i))]
@@ -176,9 +181,25 @@ def _activation_stats(model, spec, n_layers, calib, progress, gram: bool = False
     finally:
         for h in hooks:
             h.remove()
+    _all_reduce_stats(stats)
     for s in stats:
         s["bi"] /= max(s["n"], 1)
     return stats
+
+
+def _all_reduce_stats(stats):
+    """Under torchrun each rank saw its share of the calibration batches: sum them, so every
+    rank plans the same cut (a no-op in one process)."""
+    from lathe.compress import distributed as dist
+
+    if not dist.is_distributed():
+        return
+    for s in stats:
+        for v in s.values():
+            if torch.is_tensor(v):
+                dist.all_reduce_sum_(v)
+        c = dist.all_reduce_sum_(torch.tensor([s["bi"], float(s["n"])], dtype=torch.float64))
+        s["bi"], s["n"] = float(c[0]), int(c[1])
 
 
 def _channel_score(act, key, consumer):
@@ -213,6 +234,13 @@ def _accumulate_grads(model, calib, progress):
                 _loss(model, model(**b), b).backward()
                 if progress:
                     progress(j + 1, len(calib))
+        from lathe.compress import distributed as dist
+
+        if dist.is_distributed():  # each rank's share of the batches: sum the gradients
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce_sum_(p.grad)
     finally:
         model.train(was_training)
         for p, f in flags.items():

@@ -267,19 +267,20 @@ def _int4_group(model, names, cfg: Int4Config, fmt: Int4Group, stream, details, 
                                               weight=Q, scales=s, zeros=z)
         return new
     # awq
-    stats, sample = ChannelMeanAbs(), TokenSample(AWQ_SAMPLE_TOKENS, n_batches)
+    stats, sample = ChannelMeanAbs(K), TokenSample(AWQ_SAMPLE_TOKENS, n_batches)
 
     def both(x):
         stats.update(x)
         sample.update(x)
 
     stream(both)
+    stats.all_reduce()  # under torchrun: every rank's share of the calibration tokens
+    X = sample.tensor(K)
     if stats.n == 0:
         for n, lin in lins.items():
             details[n] = {"note": "no calibration token reached this layer: RTN"}
             new[n] = QLinearW4A16.from_linear(lin, n, fmt.group_size, fmt.symmetric)
         return new
-    X = sample.tensor()
     s, info = awq_search([lins[n].weight for n in names], stats.mean, X, fmt, cfg.awq_grid)
     for n, lin in lins.items():
         details[n] = {"tokens": stats.n, "alpha": info["alpha"],
