@@ -136,6 +136,24 @@ def test_refit_brings_the_pruned_model_closer(minilm, minilm_model, calib):
         assert torch.equal(a, b)
 
 
+def test_prune_tradeoff_table(minilm, minilm_model, calib, tmp_path):
+    """bench.prune_tradeoff scores a pruned checkpoint against its original: an undistilled
+    half-FFN cut is faster, scores below the original, and misses the #8 target."""
+    from lathe.bench.prune_tradeoff import main, markdown, tradeoff
+
+    model = copy.deepcopy(minilm_model)
+    quantize(model, StructuredPruneConfig(ffn=0.5), calib)
+    out = save(model, open_source(minilm), tmp_path / "ffn", {"name": "t", "steps": [
+        {"method": "prune-structured", "ffn": 0.5}]})
+    res = tradeoff(minilm, [out], pairs=3)
+    (row,) = res["rows"]
+    assert 0 < row["min_cos"] <= row["mean_cos"] < 0.999
+    assert 0 < row["latency_ratio"] and row["latency_q25"] <= row["latency_q75"]
+    assert row["size_ratio"] < 0.9 and row["meets_target"] is False
+    assert row["recipe"] == "prune-structured(ffn 0.5)" and "| prune-structured(ffn 0.5) |" in markdown(res)
+    assert main([str(minilm), str(tmp_path / "missing")]) == 2
+
+
 def test_heads_minilm_round_trip(minilm, minilm_model, calib, tmp_path):
     model = copy.deepcopy(minilm_model)
     quantize(model, StructuredPruneConfig(heads=0.5), calib)

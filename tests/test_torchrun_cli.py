@@ -1,11 +1,14 @@
-"""`torchrun -m lathe compress` end to end: two gloo ranks distil together (DDP) and one
-of them writes the output and reports it."""
+"""`torchrun -m lathe compress` end to end: two gloo ranks distil together (DDP, or FSDP with
+the student sharded) and one of them writes the output and reports it."""
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 import lathe
 
@@ -19,6 +22,7 @@ steps:
     batch_size: 4
     seq_len: 32
     save_every: 2
+    fsdp: {fsdp}
 """
 
 
@@ -28,8 +32,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_compress_two_ranks(tmp_path):
-    (tmp_path / "r.yaml").write_text(RECIPE)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_compress_two_ranks(tmp_path, parallel):
+    (tmp_path / "r.yaml").write_text(RECIPE.format(fsdp=str(parallel == "fsdp").lower()))
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -41,5 +46,9 @@ def test_torchrun_compress_two_ranks(tmp_path):
     m = json.loads((out / "lathe_manifest.json").read_text())
     d = m["report"]["steps"][1]
     assert d["method"] == "distill" and d["world"] == 2 and d["steps_run"] == 3
+    assert d["parallel"] == parallel
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 528
     assert not (tmp_path / ".out.work").exists()  # the resume state is removed once complete
+    ids = torch.randint(1, 4096, (1, 12))
+    with torch.no_grad():  # the gathered weights load and run
+        assert torch.isfinite(lathe.load(out)(input_ids=ids)).all()
