@@ -47,8 +47,7 @@ class QLinearW8A8(nn.Module):
             m.smooth.copy_(1.0 / smooth)
         m.weight.copy_(q)
         m.weight_scale.copy_(s)
-        if lin.bias is not None:
-            m.bias.copy_(lin.bias.detach().float())
+        _copy_bias(m, lin, name)
         return m.prepare()
 
     @classmethod

@@ -75,3 +75,13 @@ def test_non_linear_module_is_skipped_and_reported():
     rep = quantize(m, Int8Config(), [{"x": torch.randn(2, 4, 16)}])
     assert rep["quantized"] == ["a"] and "not an nn.Linear" in rep["skipped"][0]
     assert torch.isfinite(m(torch.randn(2, 4, 16))).all()
+
+
+def test_nan_bias_names_the_layer():
+    from lathe.compress.modules import QLinearW8A8
+
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.bias[3] = float("nan")
+    with pytest.raises(BadInput, match="bias of enc.ffn"):
+        QLinearW8A8.from_linear(lin, "enc.ffn")
