@@ -78,6 +78,9 @@ class DistillConfig:
     qat: str = "none"  # none | int8 | int4: fake-quantize the student's Linear weights (STE)
     grad_clip: float = 1.0  # max global grad norm; 0: off
     fsdp: bool = False  # under torchrun: FSDP (sharded student) instead of DDP
+    # where to train: auto (the GPU when there is one: cuda:LOCAL_RANK under torchrun; else
+    # where the model is), cpu or cuda; the model comes back to where it was afterwards
+    device: str = "auto"
     seed: int = 0
     log_every: int = 10
     # keep pruned weights at zero: a Linear whose weight is at least SPARSE_MIN zeros (a pruned
@@ -107,6 +110,8 @@ class DistillConfig:
         _num("grad_clip", self.grad_clip, 0)
         if not isinstance(self.fsdp, bool):
             raise BadInput(f"distill.fsdp must be true or false, got {self.fsdp!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise BadInput(f"distill.device must be auto, cpu or cuda, got {self.device!r}")
         _num("seed", self.seed, 0, integer=True)
         _num("log_every", self.log_every, 1, integer=True)
         if not isinstance(self.keep_sparsity, bool):
@@ -400,6 +405,20 @@ def lr_factor(step: int, cfg) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def train_device(cfg: DistillConfig, home: torch.device) -> torch.device:
+    """The device distillation trains on (see DistillConfig.device)."""
+    import os
+
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise BadInput("distill.device is cuda but no CUDA device is available (use auto or cpu)")
+    if cfg.device == "cpu" or (cfg.device == "auto" and not cuda):
+        return home if home.type == "cpu" else torch.device("cpu")
+    if home.type == "cuda":
+        return home
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if dist.is_distributed() else 0)
+
+
 def _wrap(student):
     """DDP under torch.distributed (gradients averaged over ranks); the student otherwise."""
     if not dist.is_distributed():
@@ -437,7 +456,9 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     if ctx is None or ctx.source is None:
         raise BadInput("distill needs the original model as teacher: run it in a recipe "
                        "(lathe compress) or pass ctx=StepContext(source=...)")
-    dev = next(model.parameters()).device
+    home = next(model.parameters()).device
+    dev = train_device(cfg, home)
+    model.to(dev)
     teacher = ctx.teacher().to(dev)
     s_layers, t_layers = _layers(model), _layers(teacher)
     fingerprint = _fingerprint(cfg, model) if ctx.work_dir is not None else None
@@ -527,9 +548,12 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
 
         model.load_state_dict(fsdp.model_state(student))
         del student, wrapped, opt
+    model.to(home)  # later recipe steps and the save find it where it was
+    teacher.to(home)
     dist.barrier()
     rep = _report(cfg, decoder, losses, start, done, time.time() - t0, pairs, hw, qat_names, qat_skipped)
     rep["sparse_layers_kept"] = len(masks)
+    rep["device"] = str(dev)
     rep["parallel"] = ("fsdp" if use_fsdp else "ddp") if dist.is_distributed() else None
     return rep
 

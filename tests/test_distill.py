@@ -67,7 +67,7 @@ def test_distill_lowers_loss_and_gap_to_teacher(src, corpus):
     before = kl_to_teacher(s, ctx.teacher(), held)
     r = handler(s, cfg, None, None, ctx)
     after = kl_to_teacher(s, ctx.teacher(), held)
-    assert r["steps_run"] == 48 and r["resumed_from"] is None
+    assert r["steps_run"] == 48 and r["resumed_from"] is None and r["device"] == "cpu"
     assert not s.training  # eval again after training
     # the loss that matters, KL to the teacher on a fixed held-out batch, fell; the training
     # curve itself (random batches of 2) is too noisy to compare point by point
@@ -172,10 +172,32 @@ def test_encoder_distill_runs(minilm, tmp_path):
     ("steps", 0), ("lr", -1.0), ("lr", float("nan")), ("batch_size", 1.5), ("seq_len", 1),
     ("warmup", -1), ("weight_decay", "x"), ("temperature", 0), ("kl_weight", -0.1),
     ("hidden_weight", -1), ("hidden_loss", "l1"), ("layer_map", "0:1"), ("layer_map", {0: -1}),
-    ("save_every", -5), ("qat", "int3"), ("fsdp", "yes"), ("seed", True), ("data", 3)])
+    ("save_every", -5), ("qat", "int3"), ("fsdp", "yes"), ("seed", True), ("data", 3),
+    ("device", "tpu")])
 def test_bad_config(field, value):
     with pytest.raises(BadInput, match=f"distill.{field}"):
         config_from_dict({"method": "distill", field: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_cuda_without_gpu_is_bad_input(src):
+    with pytest.raises(BadInput, match="distill.device is cuda but no CUDA device"):
+        handler(student(src), DistillConfig(steps=1, device="cuda"), None, None, StepContext(source=src))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_distill_trains_on_gpu_and_returns(src, corpus):
+    """device auto trains a CPU-built student on the GPU, then hands it back on the CPU,
+    trained (the held-out KL fell)."""
+    ctx = StepContext(source=src)
+    s = student(src)
+    held = _Data(DistillConfig(batch_size=8, seq_len=64, data=corpus, seed=99), ctx, True).global_batch(0)
+    before = kl_to_teacher(s, ctx.teacher(), held)
+    r = handler(s, DistillConfig(steps=48, data=corpus, **SMALL), None, None, ctx)
+    assert r["device"].startswith("cuda")
+    assert all(p.device.type == "cpu" for p in s.parameters())
+    assert kl_to_teacher(s, ctx.teacher(), held) < 0.8 * before
 
 
 def test_bad_inputs(src, tmp_path):
