@@ -1,4 +1,4 @@
-"""`python -m lathe.bench.paired A B`: the latency ratio of model B to model A (lathe.load
+"""`lathe bench paired A B`: the latency ratio of model B to model A (lathe.load
 directories, encoders) measured interleaved, A then B, pair after pair, so machine noise hits
 both alike; prints the median per-pair ratio and its quartiles. For a shared, noisy machine,
 where two separate timing runs can differ by 50%."""
@@ -41,7 +41,7 @@ def paired(a_dir, b_dir, batch: int = 8, seq: int = 128, pairs: int = 40, warmup
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lathe.bench.paired", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="lathe bench paired", description=__doc__.split("\n")[0])
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--batch", type=int, default=8)

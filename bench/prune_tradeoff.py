@@ -1,4 +1,4 @@
-"""`python -m lathe.bench.prune_tradeoff ORIGINAL PRUNED [PRUNED ...]`: the quality / latency
+"""`lathe bench pruned ORIGINAL PRUNED [PRUNED ...]`: the quality / latency
 trade-off of pruned encoders (MiniLM-style sentence embedders) against their original.
 
 For each pruned directory: the minimum and mean cosine of mean-pooled sentence embeddings
@@ -75,7 +75,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lathe.bench.prune_tradeoff", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="lathe bench pruned", description=__doc__.split("\n")[0])
     ap.add_argument("original")
     ap.add_argument("pruned", nargs="+")
     ap.add_argument("--pairs", type=int, default=30)

@@ -19,7 +19,9 @@ EXAMPLES = {
     "bench": "example:\n  lathe bench ./minilm-int8 --batch 1,8 --seq 128 --json out.json\n"
              "  lathe bench compare before.json after.json --threshold 0.1\n"
              "  lathe bench kernels --json bench/results/kernels-cpu.json\n"
-             "  lathe bench quantizers --out bench/results   # lathe vs ModelOpt calibration",
+             "  lathe bench quantizers --out bench/results   # lathe vs ModelOpt calibration\n"
+             "  lathe bench pruned ./minilm ./minilm-pruned --md t.md   # quality vs interleaved latency\n"
+             "  lathe bench paired ./a ./b   # latency ratio b/a, timed alternately",
     "demo": "example:\n  lathe demo -o lathe-demo-out",
 }
 
@@ -230,12 +232,17 @@ def _demo(a):
     demo.run(a.out, a.min_runs, a.min_seconds)
 
 
+# `lathe bench NAME ...`: benchmarks with their own options -> their module in lathe.bench
+BENCH_TOOLS = {"kernels": "kernels", "quantizers": "quantizers", "paired": "paired",
+               "pruned": "prune_tradeoff"}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] in (["bench", "kernels"], ["bench", "quantizers"]):  # their own options (--help)
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_TOOLS:  # their own options (--help)
         import importlib
         try:
-            return importlib.import_module(f"lathe.bench.{argv[1]}").main(argv[2:])
+            return importlib.import_module(f"lathe.bench.{BENCH_TOOLS[argv[1]]}").main(argv[2:])
         except LatheError as e:
             print(f"lathe: error: {e}", file=sys.stderr)
             return e.exit_code

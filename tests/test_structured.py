@@ -152,6 +152,9 @@ def test_prune_tradeoff_table(minilm, minilm_model, calib, tmp_path):
     assert row["size_ratio"] < 0.9 and row["meets_target"] is False
     assert row["recipe"] == "prune-structured(ffn 0.5)" and "| prune-structured(ffn 0.5) |" in markdown(res)
     assert main([str(minilm), str(tmp_path / "missing")]) == 2
+    from lathe.cli import main as cli
+
+    assert cli(["bench", "pruned", str(minilm), str(tmp_path / "missing")]) == 2
 
 
 def test_heads_minilm_round_trip(minilm, minilm_model, calib, tmp_path):
