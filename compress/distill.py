@@ -458,18 +458,17 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
                        "(lathe compress) or pass ctx=StepContext(source=...)")
     home = next(model.parameters()).device
     dev = train_device(cfg, home)
-    model.to(dev)
-    teacher = ctx.teacher().to(dev)
-    s_layers, t_layers = _layers(model), _layers(teacher)
-    fingerprint = _fingerprint(cfg, model) if ctx.work_dir is not None else None
     use_fsdp = cfg.fsdp and dist.is_distributed()
-    if use_fsdp:  # train a sharded copy; its full weights come back into `model` at the end
-        from lathe.compress import fsdp
+    fingerprint = _fingerprint(cfg, model) if ctx.work_dir is not None else None
+    if use_fsdp:  # train a sharded copy (each rank's shard on dev); its full weights come
+        from lathe.compress import fsdp  # back into `model`, which never leaves home, at the end
 
-        student = fsdp.shard(model, _layers)
-        s_layers = _layers(student)
+        student = fsdp.shard(model, _layers, dev)
+        teacher = fsdp.shard(ctx.teacher(), _layers, dev)  # frozen, sharded alike
     else:
-        student = model
+        student = model.to(dev)
+        teacher = ctx.teacher().to(dev)
+    s_layers, t_layers = _layers(student), _layers(teacher)
     pairs = cfg.pairs(len(s_layers), len(t_layers)) if hw > 0 else []
     data = _Data(cfg, ctx, decoder)
     s_cap = _Capture(s_layers, [i for i, _ in pairs])
@@ -549,7 +548,7 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
         model.load_state_dict(fsdp.model_state(student))
         del student, wrapped, opt
     model.to(home)  # later recipe steps and the save find it where it was
-    teacher.to(home)
+    ctx.teacher().to(home)
     dist.barrier()
     rep = _report(cfg, decoder, losses, start, done, time.time() - t0, pairs, hw, qat_names, qat_skipped)
     rep["sparse_layers_kept"] = len(masks)

@@ -7,6 +7,9 @@ backward, then freed), and the root holds the rest (embeddings, final norm, head
 are averaged over ranks by the reduce-scatter, as DDP's all-reduce does, so the loop's loss
 scaling is the same for both.
 
+The teacher is sharded the same way (frozen; its forward gathers one block at a time), so
+neither model has to fit on one device.
+
 The training runs on a sharded copy of the model (fully_shard changes the modules in place
 and has no inverse); at the end every rank gathers the full weights back into the caller's
 plain model, which the later recipe steps (quantization) and the single writer use.
@@ -30,12 +33,15 @@ def _api():
     return sd
 
 
-def shard(model: nn.Module, blocks_of) -> nn.Module:
-    """A sharded copy of `model`; blocks_of(m) gives m's transformer layers (the FSDP units)."""
+def shard(model: nn.Module, blocks_of, device: torch.device) -> nn.Module:
+    """A sharded copy of `model`, each rank's shard on `device`; blocks_of(m) gives m's
+    transformer layers (the FSDP units). The copy is made where `model` is (the CPU, typically)
+    and fully_shard moves only the rank's shard to the device, so the whole model never has to
+    fit on one."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.world(),))
+    mesh = init_device_mesh(device.type, (dist.world(),))
     copied = copy.deepcopy(model)
     for block in blocks_of(copied):
         fully_shard(block, mesh=mesh)
