@@ -24,7 +24,7 @@ def _recipe(path) -> str:
     for s in steps:
         s = dict(s)
         m = s.pop("method", "?")
-        keep = {k: v for k, v in s.items() if k in ("heads", "ffn", "drop_layers", "steps", "algo")}
+        keep = {k: v for k, v in s.items() if k in ("heads", "ffn", "drop_layers", "steps", "algo") and v}
         out.append(m + ("(" + ", ".join(f"{k} {v}" for k, v in keep.items()) + ")" if keep else ""))
     return " + ".join(out) or "?"
 
