@@ -10,7 +10,10 @@ from typing import Any, Callable
 
 @dataclass
 class StepContext:
-    source: Any = None  # lathe.source.Source of the original checkpoint
+    source: Any = None  # lathe.source.Source of the checkpoint being compressed
+    # the teacher's checkpoint when it is not `source`: a chained run (distilling a pruned
+    # checkpoint further) learns from the original model, not from its own parent
+    teacher_source: Any = None
     calib: list | None = None
     progress: Callable | None = None
     work_dir: Path | None = None  # survives an interrupted run (resume); None: no checkpoints
@@ -23,7 +26,7 @@ class StepContext:
 
             if self.source is None:
                 raise ValueError("this step needs a teacher: give StepContext a source")
-            t = build_model(self.source)
+            t = build_model(self.teacher_source or self.source)
             for p in t.parameters():
                 p.requires_grad_(False)
             self._teacher = t.eval()

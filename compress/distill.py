@@ -553,6 +553,7 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     rep = _report(cfg, decoder, losses, start, done, time.time() - t0, pairs, hw, qat_names, qat_skipped)
     rep["sparse_layers_kept"] = len(masks)
     rep["device"] = str(dev)
+    rep["teacher"] = str((ctx.teacher_source or ctx.source).path)
     rep["parallel"] = ("fsdp" if use_fsdp else "ddp") if dist.is_distributed() else None
     return rep
 

@@ -20,6 +20,24 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
+def _teacher_source(source, rec):
+    """A chained run's distillation teacher: the original model the manifest records (so
+    distilling a pruned checkpoint further still learns from the original), or, when that is
+    gone or changed, the checkpoint itself, with a warning."""
+    import logging
+
+    from lathe.source import original_of
+
+    if not source.is_compressed or not any(getattr(s, "method", "") == "distill" for s in rec.steps):
+        return None
+    orig = original_of(source)
+    if orig is None:
+        logging.getLogger("lathe.compress").warning(
+            "the original model recorded in %s (%s) is missing or changed: distilling from %s itself",
+            source.path, source.manifest.get("source", {}).get("path"), source.path)
+    return orig
+
+
 def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend: str = "lathe") -> Path:
     """backend: "lathe" (lathe's own calibration) or "modelopt" (NVIDIA ModelOpt calibrates,
     lathe.compress.modelopt_backend converts the result into lathe's modules)."""
@@ -55,7 +73,8 @@ def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend: st
     if source.is_compressed:  # e.g. int8 on a pruned + distilled checkpoint: record both recipes
         rec = Recipe(name=f"{source.manifest['recipe'].get('name', 'parent')}+{rec.name}", steps=rec.steps)
     model = build_model(source)
-    ctx = StepContext(source=source, calib=batches, progress=progress, work_dir=work_dir_for(out))
+    ctx = StepContext(source=source, calib=batches, progress=progress, work_dir=work_dir_for(out),
+                      teacher_source=_teacher_source(source, rec))
     reports = [quantize(model, step, batches, progress, ctx) for step in rec.steps]
     if dist.is_main():  # one writer; the other ranks hold the same model
         save(model, source, out, rec.to_dict(), {"backend": "lathe", "steps": reports})

@@ -122,6 +122,20 @@ def source_hash(src: Source) -> str:
     return h.hexdigest()
 
 
+def original_of(src: Source) -> Source | None:
+    """The original (uncompressed) model a pruned / distilled checkpoint was made from, as its
+    manifest records it, when that directory still exists and still has the recorded hash;
+    None otherwise (and for a checkpoint that is itself an original)."""
+    if not src.is_compressed:
+        return None
+    rec = src.manifest.get("source") or {}
+    try:
+        orig = open_source(rec["path"])
+    except (KeyError, TypeError, BadInput):
+        return None
+    return orig if not orig.is_compressed and source_hash(orig) == rec.get("sha256") else None
+
+
 def writable_parent(out) -> Path:
     """Fails early (BadInput) when the output's folder cannot be written."""
     out = Path(out)

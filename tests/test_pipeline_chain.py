@@ -44,3 +44,28 @@ def load_recipe_from(tmp_path, fields: str):
     p = tmp_path / "r.yaml"
     p.write_text(f"name: tiny-prune\nsteps:\n  - method: prune-structured\n    {fields}\n")
     return str(p)
+
+
+DECODER = lathe.__path__[0] + "/data/decoder-lm"
+DISTILL = "name: more\nsteps:\n  - method: distill\n    steps: 2\n    batch_size: 2\n    seq_len: 16\n    save_every: 0\n"
+
+
+def test_distilling_a_pruned_checkpoint_learns_from_the_original(tmp_path, caplog):
+    """A chained distill's teacher is the original model the manifest records, not the pruned
+    parent (whose copy of itself would teach nothing); with the original gone, the parent
+    teaches, and a warning says so."""
+    import shutil
+
+    orig = tmp_path / "orig"
+    shutil.copytree(DECODER, orig)
+    pruned = lathe.compress_checkpoint(orig, load_recipe_from(tmp_path, "ffn: 0.25"), tmp_path / "p")
+    (tmp_path / "d.yaml").write_text(DISTILL)
+    out = lathe.compress_checkpoint(pruned, str(tmp_path / "d.yaml"), tmp_path / "d")
+    rep = json.loads((out / "lathe_manifest.json").read_text())["report"]["steps"][0]
+    assert rep["teacher"] == str(orig) and rep["loss_first"] > 0
+    shutil.rmtree(orig)
+    with caplog.at_level("WARNING", logger="lathe.compress"):
+        out2 = lathe.compress_checkpoint(pruned, str(tmp_path / "d.yaml"), tmp_path / "d2")
+    rep2 = json.loads((out2 / "lathe_manifest.json").read_text())["report"]["steps"][0]
+    assert rep2["teacher"] == str(pruned)
+    assert "missing or changed" in caplog.text
