@@ -41,7 +41,9 @@ def tradeoff(original, pruned: list, pairs: int = 30) -> dict:
     tok = text.Tokenizer(original)
     sents = text.eval_sentences()
     with torch.inference_mode():
-        ref = embeddings(lambda b: lathe.load(original)(**b), tok, sents)
+        orig = lathe.load(original)
+        ref = embeddings(lambda b: orig(**b), tok, sents)
+    del orig
     rows = []
     for d in pruned:
         with torch.inference_mode():

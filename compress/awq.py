@@ -50,7 +50,7 @@ class ChannelMeanAbs:
 
         if dist.is_distributed():
             dist.all_reduce_sum_(self.sum)
-            self.n = int(dist.all_reduce_sum_(torch.tensor([float(self.n)], dtype=torch.float64)))
+            self.n = int(dist.all_reduce_count(self.n))
         return self
 
     @property

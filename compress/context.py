@@ -19,6 +19,10 @@ class StepContext:
     work_dir: Path | None = None  # survives an interrupted run (resume); None: no checkpoints
     _teacher: Any = field(default=None, repr=False)
 
+    def teacher_origin(self):
+        """The checkpoint the teacher is built from."""
+        return self.teacher_source or self.source
+
     def teacher(self):
         """The original model in eval mode, frozen (distillation's teacher)."""
         if self._teacher is None:
@@ -26,7 +30,7 @@ class StepContext:
 
             if self.source is None:
                 raise ValueError("this step needs a teacher: give StepContext a source")
-            t = build_model(self.teacher_source or self.source)
+            t = build_model(self.teacher_origin())
             for p in t.parameters():
                 p.requires_grad_(False)
             self._teacher = t.eval()

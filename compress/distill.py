@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lathe.compress import distributed as dist
+from lathe.compress import fsdp
 from lathe.compress.config import CONFIGS, config_to_dict, register_handler
 from lathe.errors import BadInput
 
@@ -361,7 +362,6 @@ def _save(path, model, opt, sched, step, losses):
     """Atomic; tensors, ints, floats, strings and lists only, so torch.load(weights_only=True)
     reads it. Full state dicts keyed by name (lathe.compress.fsdp), gathered on every rank
     (collective when the model is sharded), written by rank 0."""
-    from lathe.compress import fsdp
     from lathe.compress.checkpoint import atomic_file
 
     state = {"model": fsdp.model_state(model), "optim": fsdp.optim_state(model, opt),
@@ -461,8 +461,7 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     use_fsdp = cfg.fsdp and dist.is_distributed()
     fingerprint = _fingerprint(cfg, model) if ctx.work_dir is not None else None
     if use_fsdp:  # train a sharded copy (each rank's shard on dev); its full weights come
-        from lathe.compress import fsdp  # back into `model`, which never leaves home, at the end
-
+        # back into `model`, which never leaves home, at the end
         student = fsdp.shard(model, _layers, dev)
         teacher = fsdp.shard(ctx.teacher(), _layers, dev)  # frozen, sharded alike
     else:
@@ -483,8 +482,6 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     start, losses = 0, []
     state = _load(ckpt) if ckpt is not None and ckpt.is_file() else None
     if state is not None:
-        from lathe.compress import fsdp
-
         fsdp.load(student, opt, state["model"], state["optim"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
@@ -543,8 +540,6 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
         student.eval()
     save(done)  # a crash in a later recipe step does not redo the distillation
     if use_fsdp:  # every rank gets the trained full weights back in its plain model
-        from lathe.compress import fsdp
-
         model.load_state_dict(fsdp.model_state(student))
         del student, wrapped, opt
     model.to(home)  # later recipe steps and the save find it where it was
@@ -553,7 +548,7 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     rep = _report(cfg, decoder, losses, start, done, time.time() - t0, pairs, hw, qat_names, qat_skipped)
     rep["sparse_layers_kept"] = len(masks)
     rep["device"] = str(dev)
-    rep["teacher"] = str((ctx.teacher_source or ctx.source).path)
+    rep["teacher"] = str(ctx.teacher_origin().path)
     rep["parallel"] = ("fsdp" if use_fsdp else "ddp") if dist.is_distributed() else None
     return rep
 

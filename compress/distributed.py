@@ -68,6 +68,13 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return _reduce_(t, _dist().ReduceOp.SUM) if is_distributed() else t
 
 
+def all_reduce_count(n: float) -> float:
+    """The sum of a per-rank count over ranks (n itself in a single process)."""
+    if not is_distributed():
+        return n
+    return float(all_reduce_sum_(torch.tensor([float(n)], dtype=torch.float64)))
+
+
 def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     """In place: the element-wise max over ranks (unchanged in a single process)."""
     return _reduce_(t, _dist().ReduceOp.MAX) if is_distributed() else t
@@ -107,5 +114,5 @@ def shard(items):
     return items[s.start:s.stop]
 
 
-__all__ = ["is_distributed", "rank", "world", "is_main", "init_from_env", "all_reduce_sum_",
+__all__ = ["is_distributed", "rank", "world", "is_main", "init_from_env", "all_reduce_sum_", "all_reduce_count",
            "all_reduce_max_", "all_gather_rows", "barrier", "shard", "shard_range"]

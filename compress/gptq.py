@@ -64,8 +64,7 @@ class HessianAccumulator:
         from lathe.compress import distributed as dist
 
         if self._pending and dist.is_distributed():
-            n = dist.all_reduce_sum_(torch.tensor([float(self._n)], dtype=torch.float64))
-            total = int(n.item())
+            total = int(dist.all_reduce_count(self._n))
             if total:
                 # fp64 for the weighted sum so the result does not depend on rank order much
                 H = dist.all_reduce_sum_(self._H.double() * self._n)

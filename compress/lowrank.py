@@ -140,7 +140,7 @@ def _rms(model, names, calib):
     for n in names:  # under torchrun: sum every rank's share (a rank may have seen none)
         s, c = acc.get(n, (torch.zeros(model.get_submodule(n).in_features, dtype=torch.float64), 0))
         s = dist.all_reduce_sum_(s.clone())
-        c = float(dist.all_reduce_sum_(torch.tensor([float(c)], dtype=torch.float64)))
+        c = dist.all_reduce_count(c)
         if c:
             out[n] = (s / c).sqrt().float()
     return out

@@ -208,7 +208,7 @@ class ChannelSqSum:
 
         if dist.is_distributed():
             dist.all_reduce_sum_(self.sq)
-            self.n = int(dist.all_reduce_sum_(torch.tensor([float(self.n)], dtype=torch.float64)))
+            self.n = int(dist.all_reduce_count(self.n))
         return self
 
     @property
