@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test: that is a failure of the suite, say so.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	$(BIN)/python -P -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
 
 clean:
