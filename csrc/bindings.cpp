@@ -25,13 +25,16 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lathe CPU kernels (AVX-512 VNNI / AVX2 / scalar, chosen at run time)";
 
   m.def("best_isa", [] { return static_cast<int>(lathe::best_isa()); });
-  m.def("active_isa", [] { return static_cast<int>(lathe::active_isa()); });
+  m.def("active_isa", [] { return static_cast<int>(lathe::active_level()); });
   m.def("force_isa", &lathe::force_isa, py::arg("isa"),
-        "Force the ISA level (0 scalar, 1 avx2, 2 avx512_vnni); -1 resets to the best.");
+        "Force the ISA level (0 scalar, 1 avx2, 2 avx512_vnni, 3 avx512_bf16, 4 amx); -1 resets "
+        "to LATHE_ISA or the best.");
   m.def("isa_name", [](int isa) {
-    check(isa >= 0 && isa <= 2, "isa level must be 0, 1 or 2");
+    check(isa >= 0 && isa < lathe::kIsaLevels, "isa level must be 0.." + std::to_string(lathe::kIsaLevels - 1));
     return std::string(lathe::isa_name(static_cast<lathe::Isa>(isa)));
   });
+  m.def("cpu_flags", &lathe::cpu_flags);
+  m.def("isa_env_error", &lathe::isa_env_error);
 
   m.def("int8_packed_bytes", &lathe::int8_packed_bytes);
   m.def("int8_packed_cols", &lathe::int8_packed_cols);

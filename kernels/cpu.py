@@ -9,7 +9,7 @@ import torch
 from lathe import _ext
 
 ACTS = {"none": 0, "gelu": 1, "silu": 2}
-ISAS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+ISAS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512_bf16": 3, "amx": 4}
 
 
 def _C():
@@ -26,9 +26,24 @@ def active_isa() -> str:
     return C.isa_name(C.active_isa())
 
 
+def cpu_flags() -> str:
+    """The ISA-relevant flags of this CPU, as the skip reasons and errors name them."""
+    return _C().cpu_flags()
+
+
+def isa_missing(name: str) -> str | None:
+    """None when this CPU runs ISA level `name`, else the reason it cannot (for test skips)."""
+    if name not in ISAS:
+        raise ValueError(f"unknown ISA {name!r}: expected one of {sorted(ISAS)}")
+    if ISAS[name] <= ISAS[best_isa()]:
+        return None
+    need = {"avx2": "avx2", "avx512_vnni": "avx512_vnni", "avx512_bf16": "avx512_bf16", "amx": "amx_int8"}[name]
+    return f"CPU lacks {need} (flags: {cpu_flags()})"
+
+
 @contextlib.contextmanager
 def force_isa(name: str):
-    """Run the CPU kernels on a lower ISA level (tests use it to reach every path)."""
+    """Run the CPU kernels on a given ISA level, at most the best (tests use it to reach every path)."""
     C = _C()
     if name not in ISAS:
         raise ValueError(f"unknown ISA {name!r}: expected one of {sorted(ISAS)}")

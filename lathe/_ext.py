@@ -37,7 +37,20 @@ def require_cpu():
             "lathe's CPU extension lathe._C is not built "
             f"({_errors.get('_C', 'unknown reason')}); reinstall with `pip install -e .`"
         )
+    if not _cache.get("_C_isa_ok"):
+        _check_isa_env(mod)
     return mod
+
+
+def _check_isa_env(mod):
+    """An unknown LATHE_ISA, or a level this CPU lacks, is bad input (one line, exit 2), never a
+    silent fallback to another path."""
+    err = mod.isa_env_error() if hasattr(mod, "isa_env_error") else ""
+    if err:
+        from lathe.errors import BadInput
+
+        raise BadInput(err)
+    _cache["_C_isa_ok"] = True
 
 
 def require_cuda():

@@ -20,7 +20,7 @@ from lathe.kernels import cpu, reference
 from lathe.kernels.cpu_attention import attention
 
 ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+LEVEL = cpu.ISAS  # every level, including avx512_bf16 and amx
 f32, bf16 = torch.float32, torch.bfloat16
 
 

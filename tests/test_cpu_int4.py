@@ -14,7 +14,7 @@ from lathe.kernels import cpu, reference as ref
 from lathe.kernels.cpu_int4 import int4_linear, int4_pack
 
 ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+LEVEL = cpu.ISAS  # every level, including avx512_bf16 and amx
 
 
 def _isa_or_skip(isa):

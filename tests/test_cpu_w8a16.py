@@ -14,7 +14,7 @@ from lathe.kernels.cpu_w8a16 import w8a16_linear, w8a16_pack
 from lathe.kernels.dispatch import backend_for, use_backend
 
 ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+LEVEL = cpu.ISAS  # every level, including avx512_bf16 and amx
 op = torch.ops.lathe.linear_w8a16
 
 

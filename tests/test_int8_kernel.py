@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from lathe.kernels import cpu, reference as ref
 
 ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+LEVEL = cpu.ISAS  # every level, including avx512_bf16 and amx
 
 
 def _isa_or_skip(isa):

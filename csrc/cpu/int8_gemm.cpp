@@ -402,7 +402,7 @@ LATHE_T512 int64_t vnni_loop(int64_t iters) {
 }  // namespace
 
 double vnni_peak_gops(int nthreads) {
-  check(best_isa() == Isa::Avx512Vnni, "vnni_peak_gops: this CPU has no AVX-512 VNNI");
+  check(static_cast<int>(best_isa()) >= static_cast<int>(Isa::Avx512Vnni), "vnni_peak_gops: this CPU has no AVX-512 VNNI");
   nthreads = std::max(1, nthreads);
   const int64_t iters = 4'000'000;
   volatile int64_t sink = 0;
