@@ -5,6 +5,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/int8_gemm.h"
+#include "cpu/int8_gemm_amx.h"
 #include "cpu/int4_gemm.h"
 #include "cpu/isa.h"
 #include "cpu/w8a16_gemm.h"
@@ -55,6 +56,13 @@ PYBIND11_MODULE(_C, m) {
                              ptr<const float>(bias), N, ptr<float>(out), ldo, act, asym,
                              nthreads);
         });
+  m.def("amx_peak_gops", [](int nthreads) {
+    py::gil_scoped_release nogil;
+    return lathe::amx_peak_gops(nthreads);
+  });
+  m.attr("amx_min_m") = lathe::kAmxMinM;
+  m.def("amx_emulate", &lathe::amx_emulate, py::arg("on"),
+        "Tests only: the AMX int8 driver with emulated tile operations (on CPUs without AMX).");
   m.def("vnni_peak_gops", [](int nthreads) {
     py::gil_scoped_release nogil;
     return lathe::vnni_peak_gops(nthreads);

@@ -4,6 +4,7 @@
 //   avx2:        VPMADDWD on s16-widened operands (exact; VPMADDUBSW would saturate).
 //   scalar:      portable reference loops over the same packed layout.
 #include "cpu/int8_gemm.h"
+#include "cpu/int8_gemm_amx.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -357,15 +358,23 @@ void int8_linear(const float* x, const float* smooth, int64_t M, int64_t K, int6
   if (M == 0) return;
   check(x && packed && colsum && w_scale && out, "int8_linear: null pointer");
   nthreads = std::max(1, nthreads);
-  const int64_t KB = ceil_div(K, kKB), lda = KB * kKB;
   const Isa isa = active_isa();
+  // AMX (int8_gemm_amx.cpp) reads the codes as A tiles: rows padded to 32, stride to 64 bytes.
+  const bool amx = int8_use_amx(M);
+  const int64_t KB = ceil_div(K, kKB), lda = amx ? ceil_div(K, kAmxKPad) * kAmxKPad : KB * kKB;
+  const int64_t qrows = amx ? ceil_div(M, kAmxRowPad) * kAmxRowPad : M;
   thread_local std::vector<uint8_t> qbuf;
   thread_local std::vector<float> sbuf;
   thread_local std::vector<int32_t> zbuf;
-  if (static_cast<int64_t>(qbuf.size()) < M * lda + 64) qbuf.resize(M * lda + 64);
+  if (static_cast<int64_t>(qbuf.size()) < qrows * lda + 64) qbuf.resize(qrows * lda + 64);
   if (static_cast<int64_t>(sbuf.size()) < M) sbuf.resize(M), zbuf.resize(M);
   quantize_rows(x, smooth, M, K, ldx, qbuf.data(), lda, sbuf.data(), zbuf.data(), asym != 0, isa,
                 nthreads);
+  if (amx) {
+    int8_gemm_amx(qbuf.data(), lda, sbuf.data(), zbuf.data(), M, packed, K, colsum, w_scale, bias, N, out, ldo,
+                  act, nthreads);
+    return;
+  }
   switch (isa) {
     case Isa::Avx512Vnni:
       linear_vnni(qbuf.data(), lda, sbuf.data(), zbuf.data(), M, packed, KB, colsum, w_scale,
