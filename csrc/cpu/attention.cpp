@@ -11,6 +11,7 @@
 // is entirely padding (or entirely above the causal diagonal) is skipped; a query row with no
 // visible key ends with l = 0 and outputs 0.
 #include "cpu/attention.h"
+#include "cpu/attention_bf16.h"
 
 // GCC 12 reports the _mm512_undefined_* placeholders inside the intrinsics headers as
 // "may be used uninitialized" (GCC bug 105593); the warning is about the headers, not this file.
@@ -676,6 +677,7 @@ void attention_fwd(const AttentionArgs& a) {
   P.qscale = a.scale > 0.f ? 1.f : a.scale < 0.f ? -1.f : 0.f;
   P.sscale = a.scale > 0.f ? a.scale : a.scale < 0.f ? -a.scale : 1.f;
   const int nthreads = std::max(1, a.nthreads);
+  if (P.bf16 && attention_bf16_fwd(a, nthreads)) return;  // AVX512-BF16 prefill (attention_bf16.cpp)
   switch (active_isa()) {
     case Isa::Avx512Vnni: attn::run_simd(P, attn::kBody512, nthreads); break;
     case Isa::Avx2: attn::run_simd(P, attn::kBody256, nthreads); break;
