@@ -17,6 +17,7 @@
 // bound on the widening: 3 vector ops per 16 weights), 2-5x torch fp32; M >= 128 runs at
 // 140-155 GFLOP/s, 0.85-1.0x of MKL's fp32 GEMM.
 #include "cpu/w8a16_gemm.h"
+#include "cpu/w8a16_bf16.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -342,6 +343,9 @@ void w8a16_linear(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx,
   check(x && packed && out, "w8a16_linear: null pointer");
   nthreads = std::max(1, nthreads);
   const Packed p = make_packed(packed, N, K, g);
+  if (dtype == 1 && w8a16_bf16_linear(static_cast<const uint16_t*>(x), M, K, ldx, packed, N, g, bias,
+                                      static_cast<uint16_t*>(out), ldo, nthreads))
+    return;  // AVX512-BF16 body (w8a16_bf16.cpp)
 
   // bf16 rows are widened once (M*K values, small beside the N*K weights) and the fp32
   // result narrowed at the end, so the tiles see only fp32.
