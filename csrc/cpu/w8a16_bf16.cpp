@@ -141,8 +141,8 @@ LATHE_TBF16 void finish_row(const float* y, const float* bias, int64_t N, uint16
 
 bool w8a16_bf16_linear(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, int64_t N,
                        int64_t g, const float* bias, uint16_t* out, int64_t ldo, int nthreads) {
-  if (static_cast<int>(active_level()) < static_cast<int>(Isa::Avx512Bf16) || (g & 1)) return false;
-  if (M == 0) return true;
+  if (static_cast<int>(active_level()) < static_cast<int>(Isa::Avx512Bf16) || (g & 1) || M < kW8Bf16MinM)
+    return false;
   W w{reinterpret_cast<const int8_t*>(packed), reinterpret_cast<const float*>(packed + w8a16_scale_offset(N, K)),
       N, K, g, g ? K / g : 1, ceil_div(N, kCols), g ? g : kChunk};
   nthreads = std::max(1, nthreads);
