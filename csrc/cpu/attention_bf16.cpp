@@ -321,10 +321,14 @@ bool attention_bf16_fwd(const AttentionArgs& a, int nthreads) {
   P.sscale = a.scale > 0.f ? a.scale : a.scale < 0.f ? -a.scale : 1.f;
   nthreads = std::max(1, nthreads);
 
-  // Packed K and V, kept by the calling thread between calls (no page faults on every call).
+  // Packed K and V, kept by the calling thread between calls up to 64 MiB (no page faults on
+  // every call); a larger one is freed when the call ends.
   const int64_t heads = P.B * P.Hkv;
   const size_t need = static_cast<size_t>(heads * (kp_head(P) + vp_head(P)));
-  thread_local std::vector<uint16_t> packed;
+  constexpr size_t kKeep = size_t{32} << 20;  // elements
+  thread_local std::vector<uint16_t> kept;
+  std::vector<uint16_t> temp;
+  std::vector<uint16_t>& packed = need <= kKeep ? kept : temp;
   if (packed.size() < need) packed.resize(need);
   uint16_t* kp = packed.data();
   uint16_t* vp = kp + heads * kp_head(P);

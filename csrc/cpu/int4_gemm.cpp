@@ -14,6 +14,7 @@
 // Work is split over output-column groups (and row tiles) with dynamic scheduling: on a
 // shared 2-core machine a static split waits for whichever thread lost its core.
 #include "cpu/int4_gemm.h"
+#include "cpu/int4_bf16.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -893,6 +894,9 @@ void int4_linear(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx,
     return;
   }
 
+  if (dtype == 1 && int4_bf16_linear(static_cast<const uint16_t*>(x), M, K, ldx, p_codes, p_scales, p_zeros, N, g,
+                                     bias, static_cast<uint16_t*>(out), ldo, nthreads))
+    return;  // AVX512-BF16 body (int4_bf16.cpp)
   if (isa == Isa::Scalar) {
     gemm_f32_scalar(x, dtype, ldx, M, p, bias, out, ldo, dtype, nthreads);
     return;
