@@ -25,9 +25,9 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/target_bf16.h"
 #include "cpu/vec_math.h"
 
-#define LATHE_TBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma")))
 
 namespace lathe {
 namespace {

@@ -7,9 +7,22 @@
 //   per chunk of C values (a group, or 128 per channel) s = fp32 sum of x w (VDPBF16PS:
 //   exact products, added one after the other), then y = fma(s, scale[n, chunk], y), + bias.
 // Tiles of MR rows x NV blocks of 16 columns: per k pair, NV panel vectors, MR broadcasts of
-// the row's (x[k], x[k+1]), MR x NV VDPBF16PS. Not a standalone header: the including .cpp
-// defines LATHE_TBF16 and includes <immintrin.h>, <omp.h>, <vector>, <cstring>, <algorithm>.
+// the row's (x[k], x[k+1]), MR x NV VDPBF16PS.
 #pragma once
+
+// GCC 12 reports the _mm512_undefined_* placeholders inside the intrinsics headers as
+// (maybe) uninitialized (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/target_bf16.h"
 
 namespace lathe {
 namespace bf16p {

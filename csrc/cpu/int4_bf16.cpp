@@ -2,19 +2,8 @@
 // bf16 pair panel of bf16_panel_gemm.h, which does the rest.
 #include "cpu/int4_bf16.h"
 
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#include <omp.h>
-
-#include <algorithm>
-#include <cstring>
-#include <vector>
-
-#include "cpu/isa.h"
-
-#define LATHE_TBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma")))
 #include "cpu/bf16_panel_gemm.h"
+#include "cpu/isa.h"
 
 namespace lathe {
 namespace {

@@ -2,20 +2,9 @@
 // bf16 pair panel of bf16_panel_gemm.h, which does the rest.
 #include "cpu/w8a16_bf16.h"
 
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#include <omp.h>
-
-#include <algorithm>
-#include <cstring>
-#include <vector>
-
+#include "cpu/bf16_panel_gemm.h"
 #include "cpu/isa.h"
 #include "cpu/w8a16_gemm.h"
-
-#define LATHE_TBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma")))
-#include "cpu/bf16_panel_gemm.h"
 
 namespace lathe {
 namespace {
