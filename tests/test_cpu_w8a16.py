@@ -282,7 +282,7 @@ def test_bench_section_runs_and_reports_ratios():
     from lathe.bench.kernels import bench_w8a16, w8a16_table
 
     recs = bench_w8a16([(64, 48)], (1, 3))
-    assert {r["backend"] for r in recs} == {"lathe", "torch fp32", "onnxruntime MatMul fp32",
+    assert {r["backend"] for r in recs} == {"lathe", "lathe bf16", "torch fp32", "onnxruntime MatMul fp32",
                                             "onnxruntime MatMulNBits 8-bit"}
     lathe_recs = [r for r in recs if r["backend"] == "lathe"]
     assert len(lathe_recs) == 2 and all(r["ratio_vs_torch_fp32"] > 0 and r["median_ms"] > 0 for r in lathe_recs)
