@@ -46,13 +46,20 @@ def _available(backend: str) -> bool:
     return False
 
 
+_ENV_KEYS: dict = {}
+
+
 def _override(op: str) -> str | None:
     stack = getattr(_local, "stack", None)
     if stack:
         for want_op, backend in reversed(stack):
             if want_op in (op, None):
                 return backend
-    return os.environ.get(f"LATHE_BACKEND_{op.upper()}") or os.environ.get("LATHE_BACKEND")
+    key = _ENV_KEYS.get(op)
+    if key is None:  # the formatted name, made once an op (this runs on every op call)
+        key = _ENV_KEYS[op] = f"LATHE_BACKEND_{op.upper()}"
+    env = os.environ
+    return env.get(key) or env.get("LATHE_BACKEND")
 
 
 _cache: dict = {}

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lathe.kernels import cpu, reference
+from lathe.kernels import cpu, cpu_attention, cpu_int4, cpu_w8a16, reference
 from lathe.errors import BadInput
 from lathe.kernels.dispatch import backend_for
 
@@ -66,7 +66,6 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     CPU kernel's layout (lathe.kernels.cpu_int4.int4_pack), made once at load time."""
     backend = backend_for("linear_w4a16", x.device)
     if backend == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        from lathe.kernels import cpu_int4
         K = x.shape[-1]
         if p_codes is None:
             p = cpu_int4.int4_pack(qweight, scales, zeros, group_size, K)
@@ -102,7 +101,6 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _check_w8a16(x, qweight, scales, bias, group_size)
     backend = backend_for("linear_w8a16", x.device)
     if backend == "cpu":
-        from lathe.kernels import cpu_w8a16
         if packed is None:
             packed = cpu_w8a16.w8a16_pack(qweight, scales, group_size)
         return cpu_w8a16.w8a16_linear(x, packed, qweight.shape[0], group_size, bias)
@@ -214,7 +212,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from lathe.kernels.gpu import triton_attention
         return triton_attention(q, k, v, key_padding_mask, causal, scale).contiguous()
     if backend == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        from lathe.kernels import cpu_attention
         return cpu_attention.attention(q, k, v, key_padding_mask, causal, scale)
     if backend == "sdpa":
         return _sdpa(q, k, v, key_padding_mask, causal, scale).contiguous()

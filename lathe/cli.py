@@ -21,7 +21,9 @@ EXAMPLES = {
              "  lathe bench kernels --json bench/results/kernels-cpu.json\n"
              "  lathe bench quantizers --out bench/results   # lathe vs ModelOpt calibration\n"
              "  lathe bench pruned ./minilm ./minilm-pruned --md t.md   # quality vs interleaved latency\n"
-             "  lathe bench paired ./a ./b   # latency ratio b/a, timed alternately",
+             "  lathe bench paired ./a ./b   # latency ratio b/a, timed alternately\n"
+             "  lathe bench overhead   # per-op Python overhead on tiny tensors (target <= 10 us)\n"
+             "  lathe bench ./llama-int4 --device cuda   # GPU: torch fp16 baseline vs lathe, CUDA-graphed decode",
     "demo": "example:\n  lathe demo -o lathe-demo-out",
 }
 
@@ -233,7 +235,7 @@ def _demo(a):
 
 
 # `lathe bench NAME ...`: benchmarks with their own options -> their module in lathe.bench
-BENCH_TOOLS = {"kernels": "kernels", "quantizers": "quantizers", "paired": "paired",
+BENCH_TOOLS = {"kernels": "kernels", "quantizers": "quantizers", "paired": "paired", "overhead": "overhead",
                "pruned": "prune_tradeoff"}
 
 
