@@ -36,12 +36,18 @@ def linear_w8a8(x, w_q, w_scale, bias, act: str, smooth, asym: bool, colsum):
     M = qi.shape[0]
     if x.is_cuda and M < INT_MM_MIN_ROWS:
         qi = F.pad(qi, (0, 0, 0, INT_MM_MIN_ROWS - M))
-    acc = torch._int_mm(qi, w_q.t())[:M]
+    acc = torch._int_mm(qi, w_q.t())
+    if M < acc.shape[0]:
+        acc = acc[:M]
+    # The epilogue is a few passes over [M, N] (no fused GEMM epilogue in eager PyTorch): the
+    # zero-point correction as one in-place rank-1 update, then in-place scaling, so each
+    # pass reads and writes one buffer. Same operation order as the reference (bit-exact).
     if asym:
-        acc = acc - (zp.to(torch.int32) - 128) * colsum[:N]
-    y = acc.float() * s * w_scale
+        acc.addr_((zp.reshape(-1) - 128).to(torch.int32), colsum[:N], alpha=-1)
+    y = acc * s  # int32 * fp32 -> fp32
+    y.mul_(w_scale)
     if bias is not None:
-        y = y + bias
+        y.add_(bias)
     return reference.apply_act(y, act).to(x.dtype).reshape(*x.shape[:-1], N)
 
 
