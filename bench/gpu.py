@@ -153,9 +153,9 @@ def run_decoder(target, device="cuda", batch: int = 1, context: int = 128, steps
     name = tgt.manifest["recipe"]["name"] if tgt.is_compressed else "fp16"
     dt = dtype_name(dtype)
     models = [(f"torch {dt}", lambda: TorchLlama.load(src.path, dev, dtype)),
-              (f"lathe {dt}", lambda: lathe.load(src.path, dev, dtype))]
+              (f"lathe {dt}", lambda: fused(lathe.load(src.path, dev, dtype)))]
     if tgt.is_compressed:
-        models.append((f"lathe {name}", lambda: lathe.load(tgt.path, dev, dtype)))
+        models.append((f"lathe {name}", lambda: fused(lathe.load(tgt.path, dev, dtype))))
     rows = []
     for label, make in models:
         log(f"{label}: decode b{batch} ctx {context}, prefill {prefill_batch}x{prefill_len} ...")
@@ -231,6 +231,19 @@ def run_encoder(target, device="cuda", batch: int = 64, seq: int = 128, dtype=to
 
 def dtype_name(dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def fused(model):
+    """lathe's Llama with q/k/v in one GEMM (its fuse_qkv transform, exact), as the baseline
+    has it (gpt-fast's wqkv): the comparison is then about kernels, not launch counts."""
+    if "fuse_qkv" in getattr(model, "applied_transforms", ["fuse_qkv"]) or not len(model.model.layers):
+        return model
+    a = model.model.layers[0].self_attn
+    parts = [getattr(a, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    # plain Linears, or quantized ones that can concatenate (W8A16 and FP8 cannot yet)
+    if all(type(p) is torch.nn.Linear or hasattr(type(p), "concat") for p in parts):
+        model.transform("fuse_qkv")
+    return model
 
 
 def _device_name(dev) -> str:

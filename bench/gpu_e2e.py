@@ -110,17 +110,17 @@ def _run(doc, out, dev, dry, dtype, dt, sh, steps, ctx, pb, pl, decoder_lm, log)
                 torch.cuda.empty_cache()
 
         measure(f"torch {dt}", lambda: TorchLlama.load(src, dev, dtype), src)
-        measure(f"lathe {dt}", lambda: lathe.load(src, dev, dtype), src)
+        measure(f"lathe {dt}", lambda: gpu.fused(lathe.load(src, dev, dtype)), src)
         for r in RECIPES:
             log(f"compressing ({r}) ...")
             q = quantize_checkpoint(src, r, tmp / r, device=dev)
-            measure(f"lathe {r}", lambda: lathe.load(q, dev, dtype), q)
+            measure(f"lathe {r}", lambda: gpu.fused(lathe.load(q, dev, dtype)), q)
             op = {"int8-dynamic": "linear_w8a8", "fp8": "linear_fp8"}.get(r)
             if op and dev.type == "cuda":  # the other GPU backend, to pick the dispatcher's order on data
                 from lathe.kernels.dispatch import use_backend
                 try:
                     with use_backend("triton", op):
-                        measure(f"lathe {r} ({op}: triton)", lambda: lathe.load(q, dev, dtype), q)
+                        measure(f"lathe {r} ({op}: triton)", lambda: gpu.fused(lathe.load(q, dev, dtype)), q)
                 except Exception as e:  # noqa: BLE001  (recorded, not fatal: the main rows stand)
                     doc["errors"].append(f"{r} with {op} on triton: {type(e).__name__}: {str(e)[:300]}")
                     log(f"  {r} on triton failed: {type(e).__name__}")

@@ -25,10 +25,10 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     """W8A8: per-token dynamic symmetric int8 activations x per-channel int8 weights.
 
     w_q int8 [N, K] is the canonical weight; w_packed/colsum are the CPU kernel's pre-packed
-    copy (lathe.kernels.cpu.int8_pack), made once at load time; for the `torch` backend (GPU:
-    torch._int_mm) w_packed is None and colsum holds w_q's row sums, int32 [N]. smooth [K] multiplies x
-    before quantization (SmoothQuant's 1/s, fused into the quantization pass). asym picks
-    per-token asymmetric u8 activations (zero point) over symmetric ones.
+    copy (lathe.kernels.cpu.int8_pack), made once at load time; for the `torch` backend
+    (GPU: torch._int_mm) w_packed is None and colsum holds w_q's row sums, int32 [N]. smooth
+    [K] multiplies x before quantization (SmoothQuant's 1/s, fused into the quantization
+    pass). asym picks per-token asymmetric u8 activations (zero point) over symmetric ones.
     """
     backend = backend_for("linear_w8a8", x.device)
     N = w_q.shape[0]
@@ -38,7 +38,9 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         if x.dtype == torch.float32:
             return cpu.int8_linear(x, w_packed, colsum, w_scale, bias, N, act, smooth, asym)
         return cpu.int8_linear(x.float(), w_packed, colsum, w_scale, bias, N, act, smooth, asym).to(x.dtype)
-    if backend == "torch" or (backend == "triton" and asym):
+    # cuBLASLt's int8 GEMM wants K and N multiples of 8 (other shapes: Triton or the reference)
+    mm_ok = not x.is_cuda or (w_q.shape[1] % 8 == 0 and N % 8 == 0)
+    if mm_ok and (backend == "torch" or (backend == "triton" and asym)):
         from lathe.kernels import torch_mm
         if colsum is None:  # unprepared module: a pass over the weight (prepare() makes it once)
             colsum = w_q.sum(1, dtype=torch.int32)
@@ -152,7 +154,9 @@ def linear_fp8(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     shows FP8's accuracy, not its speed)."""
     _check_fp8(x, w_fp8, w_scale, bias, act_granularity)
     backend = backend_for("linear_fp8", x.device)
-    if backend == "torch" and _fp8_gemm(x.device, x.dtype, act_granularity == "per_token" or w_scale.numel() != 1):
+    # cuBLASLt's FP8 GEMM wants K and N multiples of 16
+    if backend == "torch" and (not x.is_cuda or (w_fp8.shape[0] % 16 == 0 and w_fp8.shape[1] % 16 == 0)) \
+            and _fp8_gemm(x.device, x.dtype, act_granularity == "per_token" or w_scale.numel() != 1):
         from lathe.kernels import torch_mm
         return torch_mm.linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
     if backend in ("torch", "triton") and _fp8_units(x.device):
