@@ -77,6 +77,7 @@ def quantize_checkpoint(src, recipe: str, out, device="cpu") -> Path:
     rec = load_recipe(recipe)
     source = open_source(src)
     model = build_model(source, device)
-    for step in rec.steps:
-        quantize(model, step)
+    with torch.device(device):  # the quantized modules are made there too (no CPU packing)
+        for step in rec.steps:
+            quantize(model, step)
     return save(model, source, out, rec.to_dict())
