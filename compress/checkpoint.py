@@ -142,9 +142,14 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
     return out
 
 
-def build_model(src: Source, device="cpu") -> nn.Module:
+def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
     """Rebuild the model from a source (HF or compressed): build on the meta device, swap in
-    the quantized modules the manifest names, load the tensors with assign=True (no copy)."""
+    the quantized modules the manifest names, load the tensors with assign=True (no copy).
+
+    Tensors go from the file straight to `device`. dtype (float16/bfloat16/float32, or None
+    for the checkpoint's own dtypes) is the activation dtype: plain floating-point weights
+    are converted to it there, once, and each quantized module's prepare(dtype) stores its
+    scales/bias in the dtype its kernel reads, so forward converts nothing."""
     from lathe.compress.modules import QUANT_MODULES
     from lathe.models import model_class
 
@@ -169,7 +174,10 @@ def build_model(src: Source, device="cpu") -> nn.Module:
             setattr(owner, leaf, qcls(**entry["args"]))
             if entry["args"].get("act") not in (None, "none") and hasattr(owner, "act_fused"):
                 owner.act_fused = True
-    tensors = read_tensors(src)
+    device = _check_device(device)
+    if dtype is not None and dtype not in LOAD_DTYPES:
+        raise BadInput(f"dtype must be one of {', '.join(map(str, LOAD_DTYPES))}, got {dtype}")
+    tensors = read_tensors(src, device)
     want = model.state_dict()
     missing = [k for k in want if k not in tensors]
     if missing:
@@ -178,13 +186,40 @@ def build_model(src: Source, device="cpu") -> nn.Module:
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise BadInput(f"{src.path}: tensor {k} has shape {tuple(tensors[k].shape)}, "
                            f"config.json implies {tuple(v.shape)}")
+    quantized = tuple(f"{n}." for n in (src.manifest or {}).get("modules", {}))
+    if dtype is not None:  # quantized modules' buffers: their prepare(dtype) decides
+        for k in want:
+            t = tensors[k]
+            if t.is_floating_point() and t.dtype != dtype and t.element_size() > 1 \
+                    and not k.startswith(quantized):
+                tensors[k] = t.to(dtype)
     model.load_state_dict({k: tensors[k] for k in want}, assign=True, strict=True)
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # a no-op for loaded tensors (already there)
     for m in model.modules():
         if hasattr(m, "prepare"):
-            m.prepare()
+            m.prepare(dtype)
     return model
 
 
-def load(path, device="cpu") -> nn.Module:
-    return build_model(open_source(path), device)
+LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_device(device) -> torch.device:
+    """A torch.device that exists here; a BadInput naming the problem otherwise (never a
+    CUDA traceback deep inside the load)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadInput(f"unknown device {device!r} (expected cpu or cuda[:N])") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput(f"device {device!r} asked for, but this machine has no usable CUDA GPU")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type not in ("cpu", "meta"):
+        raise BadInput(f"unsupported device {device!r} (expected cpu or cuda[:N])")
+    return dev
+
+
+def load(path, device="cpu", dtype=None) -> nn.Module:
+    return build_model(open_source(path), device, dtype)

@@ -69,14 +69,21 @@ class QLinearW8A8(nn.Module):
             m.smooth = p0.smooth.clone()
         return m.prepare() if m.weight.device.type != "meta" else m
 
-    def prepare(self):
-        """Pack the weight for the device it is on (once, at load time)."""
+    def prepare(self, dtype=None):
+        """Lay the weight out for the backend the dispatcher picks on its device, once, at
+        load time. dtype: the activation dtype; bias and smooth are stored in it (the scale
+        stays fp32: every backend's epilogue multiplies the int32 accumulator in fp32)."""
         from lathe.kernels.dispatch import backend_for
-        if self.weight.device.type == "cpu" and backend_for("linear_w8a8", "cpu") == "cpu":
+        dev = self.weight.device
+        backend = None if dev.type == "meta" else backend_for("linear_w8a8", dev)
+        self._packed = self._colsum = None
+        if backend == "cpu":  # the C++ kernel: VNNI layout, fp32 scale/bias/smooth
             from lathe.kernels import cpu
             self._packed, self._colsum = cpu.int8_pack(self.weight)
-        else:
-            self._packed = self._colsum = None
+            dtype = torch.float32
+        elif backend in ("torch", "triton"):  # torch._int_mm: the row sums give the zero point
+            self._colsum = self.weight.sum(1, dtype=torch.int32)
+        _store_dtype(self, dtype, "bias", "smooth")
         return self
 
     def manifest_args(self) -> dict:
@@ -96,6 +103,17 @@ class QLinearW8A8(nn.Module):
 
 
 QUANT_MODULES = {"QLinearW8A8": QLinearW8A8}
+
+
+def _store_dtype(m: nn.Module, dtype, *names):
+    """Buffers `names` of m converted to dtype once, at load (None: left as they are), so
+    that forward never converts them."""
+    if dtype is None:
+        return
+    for n in names:
+        t = getattr(m, n)
+        if t is not None and t.dtype != dtype:
+            setattr(m, n, t.to(dtype))
 
 
 def _copy_bias(m: nn.Module, lin: nn.Linear, name: str):
@@ -185,11 +203,11 @@ class QLinearW4A16(nn.Module):
             m.smooth = p0.smooth.clone()
         return m.prepare()
 
-    def prepare(self):
-        """Device packing hook, run once at load time. A no-op today (the CPU backend of
-        linear_w4a16 is the reference, which reads the canonical buffers); a CPU kernel that
-        wants its own layout (lathe.kernels.cpu_int4.int4_pack) packs here when the
-        dispatcher picks it, into non-persistent buffers as QLinearW8A8 does."""
+    def prepare(self, dtype=None):
+        """Lay the weight out for the backend the dispatcher picks, once, at load time: the
+        CPU kernel's own layout (lathe.kernels.cpu_int4.int4_pack, non-persistent); on the
+        GPU, scales, bias and smooth in the activation dtype `dtype` (the kernels read them
+        in x's dtype)."""
         from lathe.kernels.dispatch import backend_for
         dev = self.qweight.device
         self.backend = None if dev.type == "meta" else backend_for("linear_w4a16", dev)
@@ -198,6 +216,9 @@ class QLinearW4A16(nn.Module):
             from lathe.kernels import cpu_int4
             p = cpu_int4.int4_pack(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
             self._packed = [p["codes"], p["scales"], p["zeros"]]
+            _store_dtype(self, dtype, "smooth")
+        elif self.backend is not None:
+            _store_dtype(self, dtype, "scales", "bias", "smooth")
         return self
 
     def dequantize(self) -> torch.Tensor:
@@ -211,7 +232,7 @@ class QLinearW4A16(nn.Module):
 
     def forward(self, x):
         if self.smooth is not None:
-            x = x * self.smooth.to(x.dtype)
+            x = x * self.smooth  # stored in the activation dtype by prepare()
         packed = None if torch.compiler.is_exporting() else getattr(self, "_packed", None)
         return torch.ops.lathe.linear_w4a16(x, self.qweight, self.scales, self.zeros,
                                             self.group_size, self.bias, *(packed or (None, None, None)))
@@ -254,14 +275,20 @@ class QLinearW8A16(nn.Module):
         _copy_bias(m, lin, name)
         return m.prepare()
 
-    def prepare(self):
-        """Pack the weight for the CPU kernel (once, at load time) when the dispatcher picks it."""
+    def prepare(self, dtype=None):
+        """Pack the weight for the CPU kernel when the dispatcher picks it (bias fp32, its
+        contract); elsewhere scales and bias in the activation dtype `dtype`. Once, at load."""
         from lathe.kernels.dispatch import backend_for
         dev = self.qweight.device
         self._packed = None
-        if dev.type == "cpu" and backend_for("linear_w8a16", dev) == "cpu":
+        if dev.type == "meta":
+            return self
+        if backend_for("linear_w8a16", dev) == "cpu":
             from lathe.kernels.cpu_w8a16 import w8a16_pack
             self._packed = w8a16_pack(self.qweight, self.scales, self.group_size or 0)
+            _store_dtype(self, None if dtype is None else torch.float32, "bias")
+        else:
+            _store_dtype(self, dtype, "scales", "bias")
         return self
 
     def dequantize(self) -> torch.Tensor:
@@ -318,7 +345,10 @@ class QLinearFP8(nn.Module):
         _copy_bias(m, lin, name)
         return m.prepare()
 
-    def prepare(self):
+    def prepare(self, dtype=None):
+        """bias in the activation dtype `dtype` (torch._scaled_mm adds it in the output's
+        dtype); the weight scale stays fp32 (the op's contract). Once, at load time."""
+        _store_dtype(self, dtype, "bias")
         return self
 
     def manifest_args(self) -> dict:

@@ -16,11 +16,14 @@ from lathe import _ext
 
 # op -> device type -> ordered candidates. "reference" is always last and always available.
 CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
-    "linear_w8a8": {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
+    # torch: lathe's activation quantization around torch._int_mm / torch._scaled_mm
+    # (lathe.kernels.torch_mm); first on CUDA, where it beats the Triton GEMM for prefill;
+    # on the CPU only when forced (tests run the GPU path's code there).
+    "linear_w8a8": {"cpu": ("cpu", "reference", "torch"), "cuda": ("torch", "triton", "reference")},
     "linear_w4a16": {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
     "linear_w8a16": {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
     # no CPU FP8 units: the reference simulates it; Triton needs sm_89+ (checked by the op)
-    "linear_fp8": {"cpu": ("reference",), "cuda": ("triton", "reference")},
+    "linear_fp8": {"cpu": ("reference", "torch"), "cuda": ("torch", "triton", "reference")},
     "attention": {"cpu": ("cpu", "sdpa", "reference"), "cuda": ("triton", "sdpa", "reference")},
 }
 
@@ -28,7 +31,7 @@ _local = threading.local()
 
 
 def _available(backend: str) -> bool:
-    if backend in ("reference", "sdpa"):
+    if backend in ("reference", "sdpa", "torch"):
         return True
     if backend == "cpu":
         return _ext.cpu() is not None
@@ -43,13 +46,20 @@ def _available(backend: str) -> bool:
     return False
 
 
+_ENV_KEYS: dict = {}
+
+
 def _override(op: str) -> str | None:
     stack = getattr(_local, "stack", None)
     if stack:
         for want_op, backend in reversed(stack):
             if want_op in (op, None):
                 return backend
-    return os.environ.get(f"LATHE_BACKEND_{op.upper()}") or os.environ.get("LATHE_BACKEND")
+    key = _ENV_KEYS.get(op)
+    if key is None:  # the formatted name, made once an op (this runs on every op call)
+        key = _ENV_KEYS[op] = f"LATHE_BACKEND_{op.upper()}"
+    env = os.environ
+    return env.get(key) or env.get("LATHE_BACKEND")
 
 
 _cache: dict = {}

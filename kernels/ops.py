@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lathe.kernels import cpu, reference
+from lathe.kernels import cpu, cpu_attention, cpu_int4, cpu_w8a16, reference
 from lathe.errors import BadInput
 from lathe.kernels.dispatch import backend_for
 
@@ -25,9 +25,10 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     """W8A8: per-token dynamic symmetric int8 activations x per-channel int8 weights.
 
     w_q int8 [N, K] is the canonical weight; w_packed/colsum are the CPU kernel's pre-packed
-    copy (lathe.kernels.cpu.int8_pack), made once at load time. smooth [K] multiplies x
-    before quantization (SmoothQuant's 1/s, fused into the quantization pass). asym picks
-    per-token asymmetric u8 activations (zero point) over symmetric ones.
+    copy (lathe.kernels.cpu.int8_pack), made once at load time; for the `torch` backend
+    (GPU: torch._int_mm) w_packed is None and colsum holds w_q's row sums, int32 [N]. smooth
+    [K] multiplies x before quantization (SmoothQuant's 1/s, fused into the quantization
+    pass). asym picks per-token asymmetric u8 activations (zero point) over symmetric ones.
     """
     backend = backend_for("linear_w8a8", x.device)
     N = w_q.shape[0]
@@ -37,7 +38,14 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         if x.dtype == torch.float32:
             return cpu.int8_linear(x, w_packed, colsum, w_scale, bias, N, act, smooth, asym)
         return cpu.int8_linear(x.float(), w_packed, colsum, w_scale, bias, N, act, smooth, asym).to(x.dtype)
-    if backend == "triton" and not asym:
+    # cuBLASLt's int8 GEMM wants K and N multiples of 8 (other shapes: Triton or the reference)
+    mm_ok = not x.is_cuda or (w_q.shape[1] % 8 == 0 and N % 8 == 0)
+    if mm_ok and (backend == "torch" or (backend == "triton" and asym)):
+        from lathe.kernels import torch_mm
+        if colsum is None:  # unprepared module: a pass over the weight (prepare() makes it once)
+            colsum = w_q.sum(1, dtype=torch.int32)
+        return torch_mm.linear_w8a8(x, w_q, w_scale, bias, act, smooth, asym, colsum)
+    if backend == "triton":
         from lathe.kernels.gpu import triton_linear_w8a8
         return triton_linear_w8a8(x, w_q, w_scale, bias, act, smooth)
     return reference.linear_w8a8(x, w_q, w_scale, bias, act, smooth, asym).to(x.dtype)
@@ -60,7 +68,6 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     CPU kernel's layout (lathe.kernels.cpu_int4.int4_pack), made once at load time."""
     backend = backend_for("linear_w4a16", x.device)
     if backend == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        from lathe.kernels import cpu_int4
         K = x.shape[-1]
         if p_codes is None:
             p = cpu_int4.int4_pack(qweight, scales, zeros, group_size, K)
@@ -96,7 +103,6 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _check_w8a16(x, qweight, scales, bias, group_size)
     backend = backend_for("linear_w8a16", x.device)
     if backend == "cpu":
-        from lathe.kernels import cpu_w8a16
         if packed is None:
             packed = cpu_w8a16.w8a16_pack(qweight, scales, group_size)
         return cpu_w8a16.w8a16_linear(x, packed, qweight.shape[0], group_size, bias)
@@ -148,7 +154,12 @@ def linear_fp8(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     shows FP8's accuracy, not its speed)."""
     _check_fp8(x, w_fp8, w_scale, bias, act_granularity)
     backend = backend_for("linear_fp8", x.device)
-    if backend == "triton" and torch.cuda.get_device_capability(x.device) >= (8, 9):
+    # cuBLASLt's FP8 GEMM wants K and N multiples of 16
+    if backend == "torch" and (not x.is_cuda or (w_fp8.shape[0] % 16 == 0 and w_fp8.shape[1] % 16 == 0)) \
+            and _fp8_gemm(x.device, x.dtype, act_granularity == "per_token" or w_scale.numel() != 1):
+        from lathe.kernels import torch_mm
+        return torch_mm.linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
+    if backend in ("torch", "triton") and _fp8_units(x.device):
         from lathe.kernels.gpu import triton_linear_fp8
         return triton_linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
     return reference.linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
@@ -158,6 +169,23 @@ def linear_fp8(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
 def _(x, w_fp8, w_scale, bias, act_granularity):
     _check_fp8(x, w_fp8, w_scale, bias, act_granularity)
     return x.new_empty(*x.shape[:-1], w_fp8.shape[0])
+
+
+_FP8_UNITS: dict = {}
+
+
+def _fp8_units(device) -> bool:
+    """sm_89+ (Ada, Hopper); asked once a device, not on every call."""
+    hit = _FP8_UNITS.get(device)
+    if hit is None:
+        hit = _FP8_UNITS[device] = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return hit
+
+
+def _fp8_gemm(device, dtype, rowwise: bool) -> bool:
+    """torch._scaled_mm takes this case: FP8 units (or the CPU) and the scaling / output dtype."""
+    from lathe.kernels.torch_mm import fp8_runs
+    return (device.type == "cpu" or _fp8_units(device)) and fp8_runs(device, dtype, rowwise)
 
 
 def _check_fp8(x, w_fp8, w_scale, bias, act_granularity):
@@ -188,7 +216,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from lathe.kernels.gpu import triton_attention
         return triton_attention(q, k, v, key_padding_mask, causal, scale).contiguous()
     if backend == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        from lathe.kernels import cpu_attention
         return cpu_attention.attention(q, k, v, key_padding_mask, causal, scale)
     if backend == "sdpa":
         return _sdpa(q, k, v, key_padding_mask, causal, scale).contiguous()
@@ -216,6 +243,6 @@ def _sdpa(q, k, v, key_padding_mask, causal, scale):
         enable_gqa=q.shape[1] != k.shape[1])
     if key_padding_mask is not None:
         empty = ~key_padding_mask.bool().any(dim=-1)
-        if bool(empty.any()):  # rare: skip the extra pass over the output otherwise
-            out = out.masked_fill(empty[:, None, None, None], 0.0)
+        # no `if empty.any()`: a host sync, which a CUDA graph cannot capture
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
     return out

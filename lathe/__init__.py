@@ -10,12 +10,16 @@ __version__ = "0.1.0"
 __all__ = ["load", "compress_checkpoint", "export_onnx", "__version__"]
 
 
-def load(path, device: str = "cpu"):
+def load(path, device: str = "cpu", dtype=None):
     """Load a Hugging Face checkpoint directory or a lathe compressed directory as a
-    torch.nn.Module whose hot ops run through torch.ops.lathe.* (lathe's kernels)."""
+    torch.nn.Module whose hot ops run through torch.ops.lathe.* (lathe's kernels).
+
+    device: "cpu" or "cuda[:N]"; the weights go straight from safetensors to it. dtype:
+    torch.float16 / bfloat16 / float32, the activation dtype (weights, scales and biases are
+    stored in it once, at load); None keeps the checkpoint's dtypes."""
     from lathe.compress.checkpoint import load as _load
 
-    return _load(path, device)
+    return _load(path, device, dtype)
 
 
 def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend="lathe"):

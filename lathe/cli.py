@@ -21,7 +21,9 @@ EXAMPLES = {
              "  lathe bench kernels --json bench/results/kernels-cpu.json\n"
              "  lathe bench quantizers --out bench/results   # lathe vs ModelOpt calibration\n"
              "  lathe bench pruned ./minilm ./minilm-pruned --md t.md   # quality vs interleaved latency\n"
-             "  lathe bench paired ./a ./b   # latency ratio b/a, timed alternately",
+             "  lathe bench paired ./a ./b   # latency ratio b/a, timed alternately\n"
+             "  lathe bench overhead   # per-op Python overhead on tiny tensors (target <= 10 us)\n"
+             "  lathe bench ./llama-int4 --device cuda   # GPU: torch fp16 baseline vs lathe, CUDA-graphed decode",
     "demo": "example:\n  lathe demo -o lathe-demo-out",
 }
 
@@ -106,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=128, help="decoders: prompt tokens")
     b.add_argument("--gen-len", type=int, default=32, help="decoders: generated tokens")
     b.add_argument("--threads", type=int, default=None, help="threads for every backend (pinned)")
-    b.add_argument("--device", default="cpu", help="cpu or cuda (for the torch/lathe backends)")
+    b.add_argument("--device", default="cpu",
+                   help="cpu, or cuda: torch fp16 against lathe on the GPU (CUDA-graphed decode)")
     b.add_argument("--model-dir", default=None,
                    help="tokenizer/model directory for an .onnx/.engine target (default: MiniLM)")
 
@@ -194,6 +197,8 @@ def _bench(a):
     from lathe import benchflow
     from lathe.source import open_source
 
+    if a.device != "cpu":  # the GPU benchmark: torch fp16 against lathe (lathe.bench.gpu)
+        return _bench_gpu(a)
     if Path(a.target).is_dir() and open_source(a.target).model_type == "llama":
         return _bench_decoder(a)
     backends = tuple(a.backend.split(",")) if a.backend else benchflow.DEFAULT
@@ -206,6 +211,26 @@ def _bench(a):
             tmp.write_text(json.dumps(doc, indent=2))
     print(table(doc))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _bench_gpu(a):
+    import json
+
+    from lathe.bench import gpu
+    from lathe.compress.checkpoint import atomic_file
+    from lathe.source import open_source
+
+    gpu.require_cuda(a.device)  # no GPU: one line, exit 2 (never a silent CPU run)
+    if open_source(a.target).model_type == "llama":
+        doc = gpu.run_decoder(a.target, a.device, a.batch[0], a.prompt_len, a.gen_len)
+    else:
+        doc = gpu.run_encoder(a.target, a.device, a.batch[-1], a.seq)
+    print(gpu.table(doc))
+    for path in [Path(a.out) / "report-gpu.json"] + ([Path(a.json)] if a.json else []):
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))
+    print(f"wrote {Path(a.out) / 'report-gpu.json'}")
     return 0
 
 
@@ -233,7 +258,7 @@ def _demo(a):
 
 
 # `lathe bench NAME ...`: benchmarks with their own options -> their module in lathe.bench
-BENCH_TOOLS = {"kernels": "kernels", "quantizers": "quantizers", "paired": "paired",
+BENCH_TOOLS = {"kernels": "kernels", "quantizers": "quantizers", "paired": "paired", "overhead": "overhead",
                "pruned": "prune_tradeoff"}
 
 

@@ -94,14 +94,16 @@ def open_source(path) -> Source:
     return Source(path=p, config=config, weight_files=weights, manifest=manifest)
 
 
-def read_tensors(src: Source) -> dict:
-    """All tensors, memory-mapped (safetensors never runs code, unlike pickle)."""
+def read_tensors(src: Source, device="cpu") -> dict:
+    """All tensors (safetensors never runs code, unlike pickle): memory-mapped on the CPU,
+    copied straight from the file to `device` otherwise (no CPU-side conversion)."""
     from safetensors import SafetensorError, safe_open
 
     out = {}
+    dev = str(device)
     for w in src.weight_files:
         try:
-            with safe_open(str(w), framework="pt") as f:
+            with safe_open(str(w), framework="pt", device=dev) as f:
                 for k in f.keys():
                     out[k] = f.get_tensor(k)
         except SafetensorError as e:

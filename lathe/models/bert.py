@@ -73,7 +73,8 @@ class SelfAttention(nn.Module):
 
 def _concat_linear(parts):
     lin = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
-                    bias=parts[0].bias is not None, device=parts[0].weight.device)
+                    bias=parts[0].bias is not None, device=parts[0].weight.device,
+                    dtype=parts[0].weight.dtype)  # a model loaded in fp16 stays fp16
     with torch.no_grad():
         lin.weight.copy_(torch.cat([p.weight for p in parts])) if lin.weight.device.type != "meta" else None
         if lin.bias is not None and lin.bias.device.type != "meta":

@@ -101,7 +101,8 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
 
-    def forward(self, x, cos, sin, key_padding_mask, past=None):
+    def _qkv(self, x, cos, sin):
+        """q [B, Hq, S, D], k/v [B, Hkv, S, D], rotary applied to q and k."""
         B, S, _ = x.shape
         D = self.head_dim
         if hasattr(self, "qkv_proj"):  # one GEMM instead of three (see fuse_qkv)
@@ -111,16 +112,34 @@ class LlamaAttention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = apply_rotary(q.view(B, S, -1, D).transpose(1, 2), cos, sin)
         k = apply_rotary(k.view(B, S, -1, D).transpose(1, 2), cos, sin)
-        v = v.view(B, S, -1, D).transpose(1, 2)
+        return q, k, v.view(B, S, -1, D).transpose(1, 2)
+
+    def forward(self, x, cos, sin, key_padding_mask, past=None):
+        B, S, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        scale = 1.0 / math.sqrt(D)
+        scale = 1.0 / math.sqrt(self.head_dim)
         if self.training and torch.is_grad_enabled():
             o = _train_attention(q, k, v, key_padding_mask, scale)
         else:
             o = torch.ops.lathe.attention(q, k, v, key_padding_mask, True, scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1)), (k, v)
+
+    def forward_static(self, x, cos, sin, input_pos, decode_mask, end: int):
+        """The static-cache path (see LlamaForCausalLM.forward_static): k/v written into
+        self.kv_cache at input_pos; one token (decode_mask [B, max_len]) attends to every
+        cached key up to its position, a prefill chunk causally to keys 0..end."""
+        B, S, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        kc, vc = self.kv_cache.update(input_pos, k, v)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if decode_mask is not None:
+            o = torch.ops.lathe.attention(q, kc, vc, decode_mask, False, scale)
+        else:
+            o = torch.ops.lathe.attention(q, kc[:, :, :end], vc[:, :, :end], None, True, scale)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
     def fuse_qkv(self):
         """Replace q/k/v_proj by one module of concatenated output channels (see
@@ -162,6 +181,11 @@ class LlamaDecoderLayer(nn.Module):
         a, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, past)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+    def forward_static(self, x, cos, sin, input_pos, decode_mask, end: int):
+        x = x + self.self_attn.forward_static(self.input_layernorm(x), cos, sin, input_pos,
+                                              decode_mask, end)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -226,6 +250,55 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.norm(x)
         logits = F.linear(x, self.model.embed_tokens.weight) if self.tied else self.lm_head(x)
         return (logits, cache) if use_cache else logits
+
+    # ------------------------------------------------------------------ static KV cache
+    def setup_static_cache(self, batch: int, max_len: int, dtype=None, device=None):
+        """Preallocate every layer's KV cache [batch, kv_heads, max_len, head_dim] and the
+        rotary tables for positions 0..max_len-1 (gpt-fast style), in the activation dtype
+        (default: the embedding's) on the model's device. Then forward_static runs without
+        allocating anything whose size depends on the position, so a decode step can be
+        captured in a CUDA graph (lathe.models.static_cache.GraphedStep)."""
+        from lathe.models.static_cache import StaticKVCache
+
+        w = self.model.embed_tokens.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.kv_cache = StaticKVCache(batch, a.num_kv_heads, max_len, a.head_dim, dtype, device)
+        pos = torch.arange(max_len, device=device)
+        cos, sin = rotary(self.head_dim, self.rope_theta, pos[None], dtype)
+        self.register_buffer("rope_cos", cos[0], persistent=False)
+        self.register_buffer("rope_sin", sin[0], persistent=False)
+        self.register_buffer("cache_positions", pos, persistent=False)
+        self.static_batch, self.max_len = batch, max_len
+        return self
+
+    def forward_static(self, input_ids, input_pos, start: int | None = None):
+        """Logits [B, S, vocab] through the static cache (setup_static_cache first).
+
+        input_pos int64 [S]: the tokens' positions, shared by every row. start=None is a decode
+        step (S = 1): capture-safe, the attention masks keys beyond input_pos on the device.
+        start=int is a prefill chunk at positions start..start+S-1 (not captured: the
+        attended key range start+S is a Python int)."""
+        B, S = input_ids.shape
+        if not hasattr(self, "rope_cos"):
+            raise BadInput("forward_static needs setup_static_cache(batch, max_len) first")
+        if B != self.static_batch:
+            raise BadInput(f"the static cache holds {self.static_batch} rows, the input has {B}")
+        if start is None and S != 1:
+            raise BadInput(f"a decode step takes one token a row, got {S}; pass start= for a prefill chunk")
+        if start is not None and start + S > self.max_len:
+            raise BadInput(f"positions {start}..{start + S - 1} pass the static cache's max_len {self.max_len}")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope_cos[input_pos][None], self.rope_sin[input_pos][None]
+        mask = None
+        if start is None:  # [B, max_len]: keys at or before the position are real
+            mask = self.cache_positions.expand(B, -1) <= input_pos
+        end = self.max_len if start is None else start + S
+        for layer in self.model.layers:
+            x = layer.forward_static(x, cos, sin, input_pos, mask, end)
+        x = self.model.norm(x)
+        return F.linear(x, self.model.embed_tokens.weight) if self.tied else self.lm_head(x)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id=None):
