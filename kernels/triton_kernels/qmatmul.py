@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from ._runtime import MISSING_TRITON, bucket, check_device, interpreting
+from ._runtime import MISSING_TRITON, bucket, check_device, interpreting, num_sms, pick_configs
 
 try:
     import triton
@@ -44,8 +44,10 @@ except ImportError as e:  # the package's lazy wrappers only import this module 
 
 _ACTS = {"none": 0, "gelu": 1, "silu": 2}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-# Weight-only matmuls with at most this many rows take the split-K (decode) configs.
+# Weight-only matmuls with at most this many rows take the decode (GEMV) kernels.
 SMALL_M = 16
+# int4 matmuls with at least this many rows dequantize W once and call cuBLAS.
+DEQUANT_MIN_M = 1024
 
 
 def _dot_precision(dtype) -> str:
@@ -63,36 +65,46 @@ def _cfg(bm, bn, bk, warps, stages, split_k=None):
 
 
 def _mm_configs():
-    if interpreting():  # one config: no benchmarking per test case
-        return [_cfg(16, 32, 32, 4, 1)]
-    return [_cfg(*c) for c in [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                               (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4),
-                               (32, 64, 128, 4, 4)]]
+    # Hopper: 128x256 / 256x128 tiles with 8 warps feed wgmma; 64-wide tiles cover small M.
+    full = [_cfg(*c) for c in [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                               (128, 128, 64, 4, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4),
+                               (64, 64, 128, 4, 4), (32, 64, 128, 4, 4)]]
+    return pick_configs(full, _cfg(128, 128, 128, 8, 3), _cfg(16, 32, 32, 4, 1))
 
 
-def _wo_small_configs():
-    if interpreting():
-        return [_cfg(16, 32, 32, 4, 1, split_k=2)]  # exercises the atomic split-K path
-    return [_cfg(*c) for c in [(16, 32, 128, 4, 4, 1), (16, 64, 128, 4, 4, 1), (16, 32, 128, 4, 4, 2),
-                               (16, 64, 128, 4, 4, 2), (16, 64, 128, 4, 4, 4), (16, 128, 128, 4, 3, 4),
-                               (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8)]]
+def _wo_decode_configs():
+    """M <= 16 (decode): one 16-row MMA tile; narrow N tiles give >= 2 waves of programs on
+    132 SMs for N >= 4096 without split-K, and long BLOCK_K slabs (128-256 B of codes a row)
+    with 3-5 stages keep ~16-32 KB of weight loads in flight per SM (Little's law at
+    ~4.3 TB/s and ~1 us latency needs ~33 KB per SM)."""
+    full = [_cfg(*c, split_k=1) for c in [(16, 16, 256, 4, 4), (16, 32, 256, 4, 4), (16, 32, 128, 4, 5),
+                                          (16, 64, 128, 4, 4), (16, 16, 512, 4, 3), (16, 32, 512, 4, 3),
+                                          (16, 64, 256, 8, 3)]]
+    return pick_configs(full, _cfg(16, 32, 256, 4, 4, split_k=1), _cfg(16, 16, 32, 4, 1, split_k=1))
 
 
-def _wo_large_configs():
-    if interpreting():
-        return [_cfg(16, 32, 32, 4, 1, split_k=1)]
-    return [_cfg(*c) for c in [(32, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 1), (64, 128, 64, 4, 4, 1),
-                               (128, 128, 64, 8, 3, 1), (128, 64, 64, 4, 4, 1), (128, 256, 64, 8, 3, 1)]]
+def _wo_splitk_configs():
+    """M <= 16 with few output tiles (N < 16 x SMs): K is split across programs."""
+    full = [_cfg(*c) for c in [(16, 32, 128, 4, 4, 2), (16, 32, 128, 4, 4, 4), (16, 32, 128, 4, 4, 8),
+                               (16, 64, 128, 4, 4, 4), (16, 16, 256, 4, 4, 4), (16, 32, 256, 4, 4, 8)]]
+    return pick_configs(full, _cfg(16, 32, 128, 4, 4, 4), _cfg(16, 16, 32, 4, 1, 2))
+
+
+def _wo_gemm_configs():
+    full = [_cfg(*c, split_k=1) for c in [(32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
+                                          (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3),
+                                          (64, 128, 128, 8, 3)]]
+    return pick_configs(full, _cfg(64, 128, 64, 4, 4, split_k=1), _cfg(16, 16, 64, 4, 1, split_k=1))
 
 
 def _prune_group(configs, named_args, **kwargs):
-    """A K block must lie inside one quantization group (one scale per column per block):
-    clamp BLOCK_K to the group size, dropping the duplicates that makes."""
+    """BLOCK_K must divide the group size or be a multiple of it (each slab then holds whole
+    groups, or lies in one): halve it until it does, dropping the duplicates that makes."""
     g = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
     out, seen = [], set()
     for c in configs:
         kw = dict(c.kwargs)
-        while g % kw["BLOCK_K"]:
+        while g % kw["BLOCK_K"] and kw["BLOCK_K"] % g:
             kw["BLOCK_K"] //= 2
         key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
         if key not in seen:
@@ -170,7 +182,7 @@ def _quant_rows_s8_kernel(X, Smooth, Q, S, K, stride_xm, stride_qm,
     tl.store(S + row, scale)
 
 
-@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True)
 @triton.jit
 def _scaled_mm_kernel(X, W, SX, SW, Bias, Y, M, N, K, M_BUCKET,
                       stride_xm, stride_wn, stride_ym, stride_sx, stride_sw,
@@ -195,7 +207,13 @@ def _scaled_mm_kernel(X, W, SX, SW, Bias, Y, M, N, K, M_BUCKET,
         k_ok = offs_k < K
         a = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        if IS_FP8:
+            # Hopper's fp8 MMA accumulates in reduced precision: promote the partial sum to
+            # fp32 every BLOCK_K (<= 128) of K, as cuBLAS does without fast accumulation.
+            acc = tl.dot(a, b, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
+        else:
+            # An explicit int32 out_dtype: triton 3.6 asserts acc dtype == out_dtype.
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     sx = tl.load(SX + offs_m * stride_sx, mask=m_ok, other=0.0)
     sw = tl.load(SW + offs_n * stride_sw, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]  # reference order: (acc * s_x) * s_w
@@ -205,53 +223,82 @@ def _scaled_mm_kernel(X, W, SX, SW, Bias, Y, M, N, K, M_BUCKET,
 
 
 @triton.jit
+def _dequant_tile(qw_ptrs, s_ptrs, z_ptrs, wmask, gmask, zmask,
+                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, NG: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] weight tile, dequantized in registers to OUT_DTYPE.
+
+    BITS=4: qw_ptrs address a [BLOCK_N, BLOCK_K/8] tile of int32 words (the uint8 [N, K/2]
+    weight viewed as int32 [N, K/8]; word j of a row holds k = 8j + i at bits 4i), so each row
+    reads BLOCK_K/2 contiguous bytes: 128-bit coalesced loads, no duplicated addresses.
+    BITS=8: a [BLOCK_N, BLOCK_K] int8 tile. The tile covers NG quantization groups
+    (s_ptrs / z_ptrs [BLOCK_N, NG]). The codes become floats with the exponent trick
+    (2^23 + c is an fp32 whose bits are 0x4B000000 | c): an OR and a subtract, not an
+    int->float conversion, which runs at a quarter of the FMA rate. (c - z) is exact and the
+    product is rounded once to the scales' dtype, as reference.dequant_int4."""
+    s = tl.load(s_ptrs, mask=gmask, other=0.0)
+    if BITS == 4:
+        words = tl.load(qw_ptrs, mask=wmask, other=0)
+        shifts = tl.arange(0, 8) * 4
+        codes = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+        c = (codes | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + code
+        if HAS_ZERO:
+            z = tl.load(z_ptrs, mask=zmask, other=0).to(tl.int32)
+            zf = (z | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + zero
+        else:
+            zf = tl.full([BLOCK_N, NG], 8388616.0, tl.float32)  # 2^23 + 8
+        c = tl.reshape(c, [BLOCK_N, NG, BLOCK_K // NG])
+        w = (c - zf[:, :, None]) * s.to(tl.float32)[:, :, None]
+    else:
+        c = tl.load(qw_ptrs, mask=wmask, other=0).to(tl.float32)
+        c = tl.reshape(c, [BLOCK_N, NG, BLOCK_K // NG])
+        w = c * s.to(tl.float32)[:, :, None]
+    w = tl.reshape(w, [BLOCK_N, BLOCK_K])
+    # Round like the reference (W in the scales' dtype), then to x's dtype for the MMA.
+    return w.to(s.dtype).to(OUT_DTYPE)
+
+
+@triton.jit
 def _weight_only_kernel(X, QW, S, Z, Bias, Y, M, N, K, M_BUCKET,
                         stride_xm, stride_qn, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         GROUP_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Grid (tiles, SPLIT_K). BITS=4: QW uint8 [N, K/2], low nibble = even k, zero point Z
-    (HAS_ZERO) or 8. BITS=8: QW int8 [N, K], symmetric. stride_sg = 0 makes the scale
-    per-channel. Each BLOCK_K slab lies in one group (BLOCK_K divides GROUP_SIZE), so one
-    scale/zero per column is loaded per slab. SPLIT_K > 1: Y is an fp32 buffer, atomically
-    accumulated (zeroed by the caller)."""
+    """Grid (tiles, SPLIT_K): y[m, n] = sum_k x[m, k] W[n, k] (+ bias), fp32 accumulation.
+
+    The weight tile is [BLOCK_N, BLOCK_K] in W's own row order (rows contiguous along K, see
+    _dequant_tile) and enters the dot transposed. BLOCK_K divides GROUP_SIZE or is a multiple
+    of it (stride_sg = 0: one scale per row, per-channel). SPLIT_K > 1: Y is a zeroed fp32
+    buffer, fp32 partial sums are atomically added (run-to-run bit differences possible)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
+    NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    KW: tl.constexpr = BLOCK_K // 8 if BITS == 4 else BLOCK_K  # weight elements per row
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    offs_w = tl.arange(0, KW)
+    offs_g = tl.arange(0, NG)
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm
-    qw_ptrs = QW + offs_n.to(tl.int64)[None, :] * stride_qn
+    qw_rows = QW + offs_n.to(tl.int64)[:, None] * stride_qn
     k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wmask = k_ok[:, None] & n_ok[None, :]
-        if BITS == 4:
-            # Each byte is read for both of its k (the second read hits L1): simpler than an
-            # in-register interleave, same DRAM traffic.
-            byte = tl.load(qw_ptrs + (offs_k // 2)[:, None], mask=wmask, other=0).to(tl.int32)
-            code = ((byte >> ((offs_k % 2) * 4)[:, None]) & 0xF).to(tl.float32)
-        else:
-            code = tl.load(qw_ptrs + offs_k[:, None], mask=wmask, other=0).to(tl.float32)
-        g = k0 // GROUP_SIZE
-        s = tl.load(S + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0)
-        if HAS_ZERO:
-            z = tl.load(Z + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0).to(tl.float32)
-            w = (code - z[None, :]) * s.to(tl.float32)[None, :]
-        elif BITS == 4:
-            w = (code - 8.0) * s.to(tl.float32)[None, :]
-        else:
-            w = code * s.to(tl.float32)[None, :]
-        # Round like the reference (W in the scales' dtype), then to x's dtype for the MMA.
-        w = w.to(S.dtype.element_ty).to(X.dtype.element_ty)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+        x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        kw = k0 // 8 + offs_w if BITS == 4 else k0 + offs_w
+        kw_ok = kw < (K // 8 if BITS == 4 else K)
+        g = k0 // GROUP_SIZE + offs_g
+        g_ok = (g * GROUP_SIZE < K)[None, :] & n_ok[:, None]
+        w = _dequant_tile(qw_rows + kw[None, :], S + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
+                          Z + offs_n[:, None] * stride_zn + g[None, :] * stride_zg,
+                          n_ok[:, None] & kw_ok[None, :], g_ok, g_ok,
+                          BITS, HAS_ZERO, NG, BLOCK_N, BLOCK_K, X.dtype.element_ty)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         if pid_k == 0:
             acc = acc + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -262,11 +309,33 @@ def _weight_only_kernel(X, QW, S, Z, Bias, Y, M, N, K, M_BUCKET,
         tl.atomic_add(y_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-_wo_small = triton.autotune(configs=_wo_small_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                            prune_configs_by={"early_config_prune": _prune_group},
-                            reset_to_zero=["Y"])(_weight_only_kernel)
-_wo_large = triton.autotune(configs=_wo_large_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                            prune_configs_by={"early_config_prune": _prune_group})(_weight_only_kernel)
+@triton.jit
+def _dequant_int4_kernel(QW, S, Z, W, N, K, stride_qn, stride_sn, stride_zn, stride_wn,
+                         HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W [N, K] (W's dtype) from lathe int4 words, for the large-M path (then cuBLAS)."""
+    NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = offs_n < N
+    kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    g = k0 // GROUP_SIZE + tl.arange(0, NG)
+    g_ok = (g * GROUP_SIZE < K)[None, :] & n_ok[:, None]
+    w = _dequant_tile(QW + offs_n.to(tl.int64)[:, None] * stride_qn + kw[None, :],
+                      S + offs_n[:, None] * stride_sn + g[None, :],
+                      Z + offs_n[:, None] * stride_zn + g[None, :],
+                      n_ok[:, None] & (kw < K // 8)[None, :], g_ok, g_ok,
+                      4, HAS_ZERO, NG, BLOCK_N, BLOCK_K, W.dtype.element_ty)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], w,
+             mask=n_ok[:, None] & (offs_k < K)[None, :])
+
+
+_wo_kw = dict(key=["M_BUCKET", "N", "K", "GROUP_SIZE", "BITS"],
+              prune_configs_by={"early_config_prune": _prune_group}, cache_results=True)
+_wo_decode = triton.autotune(configs=_wo_decode_configs(), **_wo_kw)(_weight_only_kernel)
+_wo_splitk = triton.autotune(configs=_wo_splitk_configs(), reset_to_zero=["Y"], **_wo_kw)(_weight_only_kernel)
+_wo_gemm = triton.autotune(configs=_wo_gemm_configs(), **_wo_kw)(_weight_only_kernel)
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -413,6 +482,47 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor, w_scale:
     return y.reshape(*lead, N)
 
 
+def weight_only_path(M: int, N: int, bits: int, device) -> str:
+    """Which kernel a weight-only matmul with M rows runs (named in bench reports):
+      gemv          M <= 16 and N >= 16 x SMs: the decode kernel, one program a 16-row slab
+                    of W (no split-K, no extra launches)
+      gemv-splitk   M <= 16, fewer output tiles: K split over programs, fp32 atomics into a
+                    zeroed buffer (two extra launches: the zero fill and the cast)
+      gemm          16 < M < DEQUANT_MIN_M: tensor-core GEMM, W dequantized per tile
+      dequant+cublas  int4 with M >= DEQUANT_MIN_M: W dequantized once to x's dtype, then
+                    torch.matmul (the dequant pass is ~5% of the matmul there)."""
+    if M <= SMALL_M:
+        return "gemv" if triton.cdiv(N, 16) >= num_sms(torch.device(device)) else "gemv-splitk"
+    if bits == 4 and M >= DEQUANT_MIN_M:
+        return "dequant+cublas"
+    return "gemm"
+
+
+def _int4_words(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> int32 [N, K/8], the same bytes (little-endian words): no copy unless
+    the rows are not 4-byte aligned."""
+    qw = qweight.contiguous()
+    if qw.storage_offset() % 4:
+        qw = qw.clone()
+    return qw.view(torch.int32)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                    group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype` from the lathe int4 format, on the GPU (as reference.dequant_int4,
+    then cast to dtype)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    qw, sc = _int4_words(qweight), scales.contiguous()
+    zs = zeros.contiguous() if zeros is not None else sc
+    w = torch.empty(N, K, device=qweight.device, dtype=dtype)
+    bn, bk = (16, 64) if interpreting() else (64, 256)
+    _dequant_int4_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+        qw, sc, zs, w, N, K, qw.stride(0), sc.stride(0), zs.stride(0), w.stride(0),
+        HAS_ZERO=zeros is not None, GROUP_SIZE=group_size, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=4, num_stages=1)
+    return w
+
+
 def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel):
     check_device(x, qweight, scales, zeros, bias)
     if x.dtype not in _FLOATS:
@@ -427,17 +537,23 @@ def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel)
     y_dtype = x.dtype
     if M == 0 or N == 0:
         return torch.empty(*lead, N, device=x.device, dtype=y_dtype)
-    qw = qweight.contiguous()
+    path = weight_only_path(M, N, bits, x.device)
     sc = scales.contiguous()
+    if path == "dequant+cublas":
+        w = dequantize_int4(qweight, sc, zeros, group_size, x.dtype)
+        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
+        return y.reshape(*lead, N)
+    qw = _int4_words(qweight) if bits == 4 else qweight.contiguous()
     zs = zeros.contiguous() if zeros is not None else sc
     stride_sg = 0 if per_channel else sc.stride(1)
-    # Per-channel: any BLOCK_K works (the scale does not change along K); 128 keeps all configs.
-    gs = 128 if per_channel else group_size
-    small = M <= SMALL_M
-    kernel = _wo_small if small else _wo_large
-    # Split-K accumulates fp32 partial sums atomically into a zeroed buffer.
-    y = (torch.zeros(M, N, device=x.device, dtype=torch.float32) if small
-         else torch.empty(M, N, device=x.device, dtype=y_dtype))
+    # Per-channel: the scale does not change along K; a group wider than any BLOCK_K keeps
+    # one scale load per row and slab.
+    gs = 1024 if per_channel else group_size
+    kernel = {"gemv": _wo_decode, "gemv-splitk": _wo_splitk, "gemm": _wo_gemm}[path]
+    if path == "gemv-splitk":  # fp32 partial sums are atomically added into zeros
+        y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty(M, N, device=x.device, dtype=y_dtype)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
