@@ -264,8 +264,12 @@ def _weight_only_kernel(X, QW, S, Z, Bias, Y, M, N, K, M_BUCKET,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         GROUP_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
     """Grid (tiles, SPLIT_K): y[m, n] = sum_k x[m, k] W[n, k] (+ bias), fp32 accumulation.
+
+    EVEN_K (K % BLOCK_K == 0, every Llama shape): loads are masked by row only, so the mask is
+    constant along K and the weight loads vectorize to 16 bytes (a mask that varies along K
+    makes triton split them into 4-byte copies).
 
     The weight tile is [BLOCK_N, BLOCK_K] in W's own row order (rows contiguous along K, see
     _dequant_tile) and enters the dot transposed. BLOCK_K divides GROUP_SIZE or is a multiple
@@ -289,14 +293,18 @@ def _weight_only_kernel(X, QW, S, Z, Bias, Y, M, N, K, M_BUCKET,
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
         kw = k0 // 8 + offs_w if BITS == 4 else k0 + offs_w
-        kw_ok = kw < (K // 8 if BITS == 4 else K)
+        if EVEN_K:
+            x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None], other=0.0)
+            wmask = tl.broadcast_to(n_ok[:, None], [BLOCK_N, KW])
+        else:
+            x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            wmask = n_ok[:, None] & (kw < (K // 8 if BITS == 4 else K))[None, :]
         g = k0 // GROUP_SIZE + offs_g
         g_ok = (g * GROUP_SIZE < K)[None, :] & n_ok[:, None]
         w = _dequant_tile(qw_rows + kw[None, :], S + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
                           Z + offs_n[:, None] * stride_zn + g[None, :] * stride_zg,
-                          n_ok[:, None] & kw_ok[None, :], g_ok, g_ok,
+                          wmask, g_ok, g_ok,
                           BITS, HAS_ZERO, NG, BLOCK_N, BLOCK_K, X.dtype.element_ty)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
@@ -331,11 +339,12 @@ def _dequant_int4_kernel(QW, S, Z, W, N, K, stride_qn, stride_sn, stride_zn, str
              mask=n_ok[:, None] & (offs_k < K)[None, :])
 
 
+_wo_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_weight_only_kernel)
 _wo_kw = dict(key=["M_BUCKET", "N", "K", "GROUP_SIZE", "BITS"],
               prune_configs_by={"early_config_prune": _prune_group}, cache_results=True)
-_wo_decode = triton.autotune(configs=_wo_decode_configs(), **_wo_kw)(_weight_only_kernel)
-_wo_splitk = triton.autotune(configs=_wo_splitk_configs(), reset_to_zero=["Y"], **_wo_kw)(_weight_only_kernel)
-_wo_gemm = triton.autotune(configs=_wo_gemm_configs(), **_wo_kw)(_weight_only_kernel)
+_wo_decode = triton.autotune(configs=_wo_decode_configs(), **_wo_kw)(_wo_kernel)
+_wo_splitk = triton.autotune(configs=_wo_splitk_configs(), reset_to_zero=["Y"], **_wo_kw)(_wo_kernel)
+_wo_gemm = triton.autotune(configs=_wo_gemm_configs(), **_wo_kw)(_wo_kernel)
 
 
 # ----------------------------------------------------------------------------- wrappers
