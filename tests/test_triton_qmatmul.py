@@ -324,3 +324,32 @@ def test_gpu_w4a16_decode_beats_fp16_matmul():
     assert t_w4 < t_fp16, f"W4A16 {t_w4:.4f} ms vs fp16 {t_fp16:.4f} ms"
 
 # Ahead-of-time compilation for sm_80/89/90: tests/test_triton_aot.py.
+
+
+# ----------------------------------------------------------------------------- kernel names
+
+
+def test_kernel_for_names_the_gpu_kernel_of_each_shape():
+    from lathe.kernels.gpu import kernel_for
+
+    f16 = torch.float16
+    name = lambda rows, **kw: kernel_for("linear_w4a16", "cuda", rows, 4096, kw.get("dtype", f16),  # noqa: E731
+                                         kw.get("g", 128), "cpu")
+    assert name(1) == "cuda:w4a16_gemv"
+    assert name(1, g=256) == "triton:gemv"  # the CUDA GEMV takes g 32/64/128 only
+    assert name(1, dtype=torch.float32) == "triton:gemv"
+    assert name(64) == "triton:gemm"
+    assert name(Q.DEQUANT_MIN_M) == "triton:dequant+cublas"
+    assert kernel_for("linear_w8a8", "triton", asym=True).startswith("reference (asymmetric")
+    assert kernel_for("linear_w8a8", "reference") == "reference"
+
+
+def test_fallback_warns_once_per_reason():
+    from lathe.kernels import gpu
+
+    with pytest.warns(UserWarning, match="running reference, not the fast GPU kernel: why"):
+        gpu.fallback("op_x", "reference", "why")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpu.fallback("op_x", "reference", "why")  # the second time: silent
