@@ -76,9 +76,10 @@ def cases(arch: int):
     types = ["*i8"] + (["*fp8e4nv"] if arch >= 89 else [])
     for xt in types:
         fp8 = xt != "*i8"
-        out.append((f"scaled_mm[{xt[1:]}]", Q._scaled_mm_kernel,
-                    dict(X=xt, W=xt, SX="*fp32", SW="*fp32", Bias="*fp32", Y="*bf16"),
-                    dict(HAS_BIAS=True, ACT=1, IS_FP8=fp8), None))
+        for even in (True, False):
+            out.append((f"scaled_mm[{xt[1:]}{'' if even else ',ragged-K'}]", Q._scaled_mm_kernel,
+                        dict(X=xt, W=xt, SX="*fp32", SW="*fp32", Bias="*fp32", Y="*bf16"),
+                        dict(HAS_BIAS=True, ACT=1, IS_FP8=fp8, EVEN_K=even), None))
     out.append(("quant_rows_s8", Q._quant_rows_s8_kernel,
                 dict(X="*bf16", Smooth="*fp32", Q="*i8", S="*fp32"),
                 dict(HAS_SMOOTH=True, BLOCK_K=4096), [(8, 1)]))

@@ -183,14 +183,19 @@ def _quant_rows_s8_kernel(X, Smooth, Q, S, K, stride_xm, stride_qm,
 
 
 @triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _scaled_mm_kernel(X, W, SX, SW, Bias, Y, M, N, K, M_BUCKET,
                       stride_xm, stride_wn, stride_ym, stride_sx, stride_sw,
                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, IS_FP8: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     """y = (x @ w^T) * sx[m] * sw[n] (+ bias, act). int8: exact int32 accumulation; fp8 (e4m3):
-    fp32 accumulation. stride_sx/stride_sw = 0 broadcast a per-tensor scale."""
+    fp32 accumulation. stride_sx/stride_sw = 0 broadcast a per-tensor scale.
+
+    EVEN_K (K % BLOCK_K == 0): the loads are masked by row only, so they vectorize to 16 bytes
+    and triton pipelines them (cp.async into num_stages buffers); a mask that varies along K
+    turns them into 1-byte loads outside the pipeline (seen in the sm_90 PTX)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -204,9 +209,13 @@ def _scaled_mm_kernel(X, W, SX, SW, Bias, Y, M, N, K, M_BUCKET,
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None], other=0.0)
+            b = tl.load(w_ptrs + offs_k[:, None], mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K
+            a = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if IS_FP8:
             # Hopper's fp8 MMA accumulates in reduced precision: promote the partial sum to
             # fp32 every BLOCK_K (<= 128) of K, as cuBLAS does without fast accumulation.
