@@ -93,8 +93,10 @@ def cases(arch: int):
                 out.append((f"{kname}[int{bits},g{g}{'' if even else ',ragged-K'}]", kern, sig,
                             dict(BITS=bits, HAS_ZERO=bits == 4, HAS_BIAS=True, GROUP_SIZE=g,
                                  DOT_PREC="tf32", GROUP_M=8, EVEN_K=even), None))
-    out.append(("dequant_int4", Q._dequant_int4_kernel, dict(QW="*i32", S="*fp16", Z="*u8", W="*fp16"),
-                dict(HAS_ZERO=True, GROUP_SIZE=128, BLOCK_N=64, BLOCK_K=256), [(4, 1)]))
+    for even in (True, False):
+        out.append((f"dequant_int4[{'even' if even else 'ragged'}-K]", Q._dequant_int4_kernel,
+                    dict(QW="*i32", S="*fp16", Z="*u8", W="*fp16"),
+                    dict(HAS_ZERO=True, GROUP_SIZE=128, BLOCK_N=64, BLOCK_K=256, EVEN_K=even), [(4, 1)]))
     for dt, D, causal, mask, varlen in (("bf16", 128, True, False, False), ("fp16", 64, False, True, False),
                                         ("fp16", 96, True, False, True), ("bf16", 256, False, False, False)):
         sig = dict(Q="*" + dt, K="*" + dt, V="*" + dt, O="*" + dt, Mask="*u8", CuQ="*i32",

@@ -329,8 +329,9 @@ def _weight_only_kernel(X, QW, S, Z, Bias, Y, M, N, K, M_BUCKET,
 @triton.jit
 def _dequant_int4_kernel(QW, S, Z, W, N, K, stride_qn, stride_sn, stride_zn, stride_wn,
                          HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W [N, K] (W's dtype) from lathe int4 words, for the large-M path (then cuBLAS)."""
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """W [N, K] (W's dtype) from lathe int4 words, for the large-M path (then cuBLAS).
+    EVEN_K: masks by row only (vector loads and stores, as in _weight_only_kernel)."""
     NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
@@ -338,14 +339,18 @@ def _dequant_int4_kernel(QW, S, Z, W, N, K, stride_qn, stride_sn, stride_zn, str
     kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     g = k0 // GROUP_SIZE + tl.arange(0, NG)
     g_ok = (g * GROUP_SIZE < K)[None, :] & n_ok[:, None]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        wmask = tl.broadcast_to(n_ok[:, None], [BLOCK_N, BLOCK_K // 8])
+        omask = tl.broadcast_to(n_ok[:, None], [BLOCK_N, BLOCK_K])
+    else:
+        wmask = n_ok[:, None] & (kw < K // 8)[None, :]
+        omask = n_ok[:, None] & (offs_k < K)[None, :]
     w = _dequant_tile(QW + offs_n.to(tl.int64)[:, None] * stride_qn + kw[None, :],
                       S + offs_n[:, None] * stride_sn + g[None, :],
                       Z + offs_n[:, None] * stride_zn + g[None, :],
-                      n_ok[:, None] & (kw < K // 8)[None, :], g_ok, g_ok,
-                      4, HAS_ZERO, NG, BLOCK_N, BLOCK_K, W.dtype.element_ty)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], w,
-             mask=n_ok[:, None] & (offs_k < K)[None, :])
+                      wmask, g_ok, g_ok, 4, HAS_ZERO, NG, BLOCK_N, BLOCK_K, W.dtype.element_ty)
+    tl.store(W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], w, mask=omask)
 
 
 _wo_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_weight_only_kernel)
@@ -537,7 +542,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     _dequant_int4_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
         qw, sc, zs, w, N, K, qw.stride(0), sc.stride(0), zs.stride(0), w.stride(0),
         HAS_ZERO=zeros is not None, GROUP_SIZE=group_size, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=4, num_stages=1)
+        EVEN_K=K % bk == 0, num_warps=4, num_stages=1)
     return w
 
 
