@@ -89,8 +89,12 @@ def bench_w4a16(quick, copy_gbps):
             shape = {"M": M, "K": K, "N": N}
             target = 3.0 if M <= 16 else 1.5 if M <= 256 else 0.95 if M >= 1024 else None
             w_bytes = N * K // 2 + N * (K // g) * 3
-            runs = [(f"triton:{Q.weight_only_path(M, N, 4, x.device)}",
-                     lambda: Q.w4a16_linear(x, qw, sc, z, g))]
+            chosen = Q.weight_only_path(M, N, 4, x.device)
+            runs = [(f"triton:{chosen}", lambda: Q.w4a16_linear(x, qw, sc, z, g))]
+            if M >= 256:  # both large-M paths, to place DEQUANT_MIN_M
+                other = "gemm" if chosen == "dequant+cublas" else "dequant+cublas"
+                runs.append((f"triton:{other} (forced)",
+                             lambda other=other: Q.w4a16_linear(x, qw, sc, z, g, path=other)))
             if has_cuda_ext and M <= 16:
                 runs.append(("cuda:w4a16_gemv", lambda: cuda_ops.w4a16_linear(x, qw, sc, z, g)))
             for kernel, fn in runs:

@@ -181,6 +181,17 @@ def test_w4a16_every_path_is_named_and_correct(monkeypatch):
     assert seen == {"gemv", "gemv-splitk", "gemm", "dequant+cublas"}, seen
 
 
+def test_w4a16_forced_path_and_bad_path():
+    qw, sc, z = _int4_weight(24, 64, 32, False, HALF, seed=2)
+    x = torch.randn(3, 64, generator=_gen(3)).to(DEV, HALF)
+    w = reference.dequant_int4(qw, sc, z, 32, 64)
+    for path in Q.PATHS:
+        out = Q.w4a16_linear(x, qw, sc, z, 32, path=path)
+        assert_within_baseline(out, x.double() @ w.double().t(), x @ w.to(HALF).t(), HALF)
+    with pytest.raises(ValueError, match="path must be one of"):
+        Q.w4a16_linear(x, qw, sc, z, 32, path="fast")
+
+
 def test_dequantize_int4_matches_reference():
     for N, K, g, sym in ((17, 96, 32, False), (40, 256, 128, True)):
         qw, sc, z = _int4_weight(N, K, g, sym, HALF, seed=N)

@@ -24,9 +24,24 @@ Roofline on H100 SXM (989 TFLOP/s fp16/bf16 dense, 1979 TOP/s int8/fp8 dense, 3.
     137 GOP -> 70 us at peak). The dynamic quantization of x adds a pass over x
     (2*M*K read + M*K written for fp16 x).
   FP8 W8A8: the same bytes as int8, 1979 TFLOP/s dense on sm_90 (sm_89 has fp8 tensor cores too).
-Small M (decode) uses split-K for the weight-only kernels: with M <= 16 there are only N/BLOCK_N
-output tiles, too few programs to pull full bandwidth from 132 SMs, so K is cut into SPLIT_K
-slices whose fp32 partial sums are atomically added (run-to-run bit differences are possible).
+Weight-only paths by rows M (weight_only_path names them; bench reports show the name):
+  M <= 16     gemv: a 16-row MMA tile, BLOCK_N = 16-64 output rows a program, no split-K
+              (N >= 16 x SMs gives >= 2 programs per SM; fewer tiles take gemv-splitk, fp32
+              atomics). The int4 codes are read as int32 words along W's rows ([N, K/8], the
+              stored bytes, no repack): EVEN_K loads are 16-byte cp.async in a 3-5 stage
+              pipeline (checked in the sm_90 PTX). Per 16 KB of codes a program issues
+              ~5 ALU ops a weight (shift/and/or, fp32 sub/mul via the 2^23 exponent trick,
+              one cvt to fp16), ~2.6 TB/s of codes at the H200's issue rate: above the
+              ~1.4-2.1 TB/s that 3x fp16 cuBLAS needs at 4096^2..8192^2 (cuBLAS measured
+              1.8-3.0 TB/s there). Unmeasured: the first GPU run of scripts/gpu_check.sh says.
+  16 < M < DEQUANT_MIN_M   gemm: wgmma tiles up to 128x256, W dequantized per tile (1/BLOCK_M
+              of the MMA work). At M = 256 both fp16 and int4 are compute-bound (8.6 GFLOP,
+              ~12 us), so >= 1.5x fp16 is reachable only where cuBLAS is memory-bound (M <= ~64).
+  M >= DEQUANT_MIN_M (1024)   dequant+cublas: W to x's dtype (read N*K/2, write 2*N*K bytes),
+              then torch.matmul. The pass costs 2.5*N*K/BW against 2*M*N*K/F for the matmul:
+              ~200/M of it on an H200 (F ~ 700 TFLOP/s, BW ~ 4.3 TB/s), 20% at M = 1024, 5% at
+              M = 4096. So 0.95x fp16 holds from M ~ 4096 on this path; at M = 1024 the bench
+              times the in-loop gemm beside it (path=) to pick the threshold.
 """
 from __future__ import annotations
 
@@ -546,7 +561,10 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
     return w
 
 
-def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel):
+PATHS = ("gemv", "gemv-splitk", "gemm", "dequant+cublas")
+
+
+def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel, path=None):
     check_device(x, qweight, scales, zeros, bias)
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
@@ -560,7 +578,10 @@ def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel)
     y_dtype = x.dtype
     if M == 0 or N == 0:
         return torch.empty(*lead, N, device=x.device, dtype=y_dtype)
-    path = weight_only_path(M, N, bits, x.device)
+    if path is None:
+        path = weight_only_path(M, N, bits, x.device)
+    elif path not in PATHS or (path == "dequant+cublas" and bits != 4):
+        raise ValueError(f"path must be one of {PATHS} (dequant+cublas: int4 only), got {path!r}")
     sc = scales.contiguous()
     if path == "dequant+cublas":
         w = dequantize_int4(qweight, sc, zeros, group_size, x.dtype)
@@ -591,10 +612,11 @@ def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel)
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: Optional[torch.Tensor], group_size: int = 128,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 bias: Optional[torch.Tensor] = None, path: Optional[str] = None) -> torch.Tensor:
     """Weight-only int4 linear in the lathe format (see packing.py): y = x @ W^T + bias, fp32
     accumulation, returned in x's dtype. qweight uint8 [N, K/2], scales [N, K/g], zeros uint8
-    [N, K/g] or None (symmetric, zero 8). K % group_size == 0, group_size a multiple of 16."""
+    [N, K/g] or None (symmetric, zero 8). K % group_size == 0, group_size a multiple of 16.
+    path: None picks by shape (weight_only_path); one of PATHS forces it (benchmarks, tests)."""
     K = x.shape[-1]
     N = qweight.shape[0]
     if qweight.dtype != torch.uint8 or qweight.shape != (N, K // 2) or K % 2:
@@ -606,7 +628,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"scales/zeros must be [N={N}, K/g={G}]")
     if zeros is not None and zeros.dtype != torch.uint8:
         raise TypeError(f"zeros must be uint8 codes, got {zeros.dtype}")
-    return _weight_only(x, qweight, scales, zeros, group_size, bias, bits=4, per_channel=False)
+    return _weight_only(x, qweight, scales, zeros, group_size, bias, bits=4, per_channel=False, path=path)
 
 
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
