@@ -82,7 +82,10 @@ def cases(arch: int):
                         dict(HAS_BIAS=True, ACT=1, IS_FP8=fp8, EVEN_K=even), None))
     out.append(("quant_rows_s8", Q._quant_rows_s8_kernel,
                 dict(X="*bf16", Smooth="*fp32", Q="*i8", S="*fp32"),
-                dict(HAS_SMOOTH=True, BLOCK_K=4096), [(8, 1)]))
+                dict(HAS_SMOOTH=True, BLOCK_K=4096, ONE_PASS=True), [(8, 1)]))
+    out.append(("quant_rows_s8[two-pass]", Q._quant_rows_s8_kernel,
+                dict(X="*fp16", Smooth="*fp32", Q="*i8", S="*fp32"),
+                dict(HAS_SMOOTH=False, BLOCK_K=8192, ONE_PASS=False), [(8, 1)]))
     for kname, kern, ydt in (("wo_decode", Q._wo_decode, "*fp16"), ("wo_splitk", Q._wo_splitk, "*fp32"),
                              ("wo_gemm", Q._wo_gemm, "*bf16")):
         # g32 only for the decode kernel: its prune clamps BLOCK_K further than g128 does.

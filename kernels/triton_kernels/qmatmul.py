@@ -61,6 +61,8 @@ _ACTS = {"none": 0, "gelu": 1, "silu": 2}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # Weight-only matmuls with at most this many rows take the decode (GEMV) kernels.
 SMALL_M = 16
+# Row block of the int8 quantizer under the interpreter (small, so both of its paths are tested).
+QUANT_BLOCK_INTERP = 128
 # int4 matmuls with at least this many rows dequantize W once and call cuBLAS.
 DEQUANT_MIN_M = 1024
 
@@ -172,28 +174,42 @@ def _epilogue(acc, offs_n, n_ok, Bias, HAS_BIAS: tl.constexpr, ACT: tl.constexpr
 
 @triton.jit
 def _quant_rows_s8_kernel(X, Smooth, Q, S, K, stride_xm, stride_qm,
-                          HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (M,): s = amax(|x * smooth|) / 127 (1 for an all-zero row), q = rint(x / s)."""
+                          HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+    """Grid (M,): s = amax(|x * smooth|) / 127 (1 for an all-zero row), q = rint(x / s).
+    ONE_PASS (K <= BLOCK_K, up to 8192): the row is read once and kept in registers; longer
+    rows take a second pass over x (an L2 hit)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xm
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    m = tl.max(amax, 0)
+        m = tl.max(tl.abs(x), 0)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        m = tl.max(amax, 0)
     # IEEE division (div_rn) so the codes match torch's x / s bit for bit.
     scale = tl.where(m > 0.0, tl.math.div_rn(m, 127.0), 1.0)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
+    if ONE_PASS:
         r = _round_half_even(tl.math.div_rn(x, tl.broadcast_to(scale, [BLOCK_K])))
         r = tl.minimum(tl.maximum(r, -127.0), 127.0)
         tl.store(Q + row * stride_qm + offs, r.to(tl.int8), mask=offs < K)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
+            r = _round_half_even(tl.math.div_rn(x, tl.broadcast_to(scale, [BLOCK_K])))
+            r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+            tl.store(Q + row * stride_qm + offs, r.to(tl.int8), mask=offs < K)
     tl.store(S + row, scale)
 
 
@@ -417,10 +433,10 @@ def quantize_per_token_int8(x: torch.Tensor, smooth: Optional[torch.Tensor] = No
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     if M and K:
         sm = smooth.contiguous() if smooth is not None else x2
-        block = min(triton.next_power_of_2(K), 256 if interpreting() else 4096)
+        block = min(triton.next_power_of_2(K), QUANT_BLOCK_INTERP if interpreting() else 8192)
         _quant_rows_s8_kernel[(M,)](x2, sm, q, s, K, x2.stride(0), q.stride(0),
                                     HAS_SMOOTH=smooth is not None, BLOCK_K=block,
-                                    num_warps=4 if block <= 1024 else 8)
+                                    ONE_PASS=K <= block, num_warps=4 if block <= 1024 else 8)
     elif M:
         s.fill_(1.0)
     return q.reshape(*x.shape), s.reshape(x.shape[:-1])
