@@ -204,6 +204,8 @@ def test_gpu_decode_long_cache(dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_autotune_is_cached_per_bucket():
+    if len(A._attn_fwd_kernel.configs) == 1:
+        pytest.skip("one fixed config (LATHE_TRITON_AUTOTUNE=0 under pytest): no tuning to cache")
     q, k, v, _ = _inputs(1, 4, 4, 700, 700, 64, torch.float16, False)
     A.flash_attention(q, k, v, causal=True)
     n = len(A._attn_fwd_kernel.cache)
