@@ -280,7 +280,7 @@ def test_fp8_rejects_other_dtypes():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("M", [1, 16, 256])
+@pytest.mark.parametrize("M", [1, 16, 256, 1024])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_w4a16_large(M, dtype):
     N, K, g = 4096, 4096, 128
@@ -290,6 +290,19 @@ def test_gpu_w4a16_large(M, dtype):
     w = reference.dequant_int4(qw, sc, z, g, K)
     truth = x.double() @ w.double().t()
     assert_within_baseline(out, truth, x @ w.to(dtype).t(), dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("path", ["gemv", "gemv-splitk", "gemm", "dequant+cublas"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_w4a16_every_path(path, dtype):
+    M, N, K, g = 3, 1000, 4096, 128  # N not a multiple of any BLOCK_N
+    qw, sc, z = _int4_weight(N, K, g, False, dtype, seed=1)
+    x = torch.randn(M, K, device=DEV, dtype=dtype)
+    out = Q.w4a16_linear(x, qw, sc, z, g, path=path)
+    w = reference.dequant_int4(qw, sc, z, g, K)
+    assert_within_baseline(out, x.double() @ w.double().t(), x @ w.to(dtype).t(), dtype)
 
 
 @pytest.mark.gpu
