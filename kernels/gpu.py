@@ -48,7 +48,7 @@ def kernel_for(op: str, backend: str, rows: int | None = None, n: int | None = N
         dev = torch.device(device or "cuda")
         if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
             return "reference (FP8 needs an sm_89+ GPU)"
-        return "triton:quant_fp8(torch)+scaled_mm"
+        return "triton:quant_rows_fp8+scaled_mm (per-tensor x: torch amax + quantize)"
     if op == "attention":
         from lathe.kernels.triton_kernels.attention import DECODE_MIN_KEYS
 
@@ -99,9 +99,12 @@ def triton_linear_fp8(x, w_fp8, w_scale, bias, act_granularity):
     """Quantize x to FP8 (per token or per tensor, as reference.quantize_fp8_act), then the
     Triton fp8 x fp8 matmul; output in x's dtype."""
     from lathe.kernels.reference import quantize_fp8_act
-    from lathe.kernels.triton_kernels.qmatmul import fp8_linear
+    from lathe.kernels.triton_kernels.qmatmul import fp8_linear, quantize_per_token_fp8
 
-    xq, sx = quantize_fp8_act(x, act_granularity)
+    if act_granularity == "per_token":  # one Triton kernel, bit for bit the reference
+        xq, sx = quantize_per_token_fp8(x)
+    else:  # per tensor needs a global amax first: PyTorch's reduction
+        xq, sx = quantize_fp8_act(x, act_granularity)
     sx = sx.reshape(-1)  # [M] per token, [1] per tensor
     b = None if bias is None else bias.float()
     return fp8_linear(xq, w_fp8, sx, w_scale.float(), b, out_dtype=x.dtype)

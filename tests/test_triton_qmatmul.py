@@ -69,6 +69,21 @@ def test_quantize_per_token_matches_reference_exactly(M, K, dtype):
         assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs[:, 0])
 
 
+@pytest.mark.parametrize("M,K", [(1, 96), (3, 160), (17, 257)])  # K 160, 257: the two-pass path
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_quantize_per_token_fp8_matches_reference_exactly(M, K, dtype):
+    x = (torch.randn(M, K, generator=_gen(M + K)) * 50).to(DEV, dtype)
+    if M > 2:
+        x[1] = 0  # all-zero row: scale 1
+        x[2, 5] = float("nan")  # the reference keeps scale 1 and the NaN: so must the kernel
+    q, s = _fp8_or_skip(lambda: Q.quantize_per_token_fp8(x))
+    rq, rs = reference.quantize_fp8_act(x.cpu(), "per_token")
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (M,)
+    assert torch.equal(s.cpu(), rs[:, 0])
+    qf, rf = q.cpu().float(), rq.float()
+    assert torch.equal(qf.isnan(), rf.isnan()) and torch.equal(qf.nan_to_num(), rf.nan_to_num())
+
+
 def test_quantize_rounds_half_to_even():
     x = torch.tensor([[127.0, 2.5, 3.5, -0.5, -1.5, 0.5, 1.5, -2.5, 126.5]], device=DEV)  # s = 1
     q, s = Q.quantize_per_token_int8(x)

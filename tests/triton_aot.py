@@ -80,12 +80,14 @@ def cases(arch: int):
             out.append((f"scaled_mm[{xt[1:]}{'' if even else ',ragged-K'}]", Q._scaled_mm_kernel,
                         dict(X=xt, W=xt, SX="*fp32", SW="*fp32", Bias="*fp32", Y="*bf16"),
                         dict(HAS_BIAS=True, ACT=1, IS_FP8=fp8, EVEN_K=even), None))
-    out.append(("quant_rows_s8", Q._quant_rows_s8_kernel,
-                dict(X="*bf16", Smooth="*fp32", Q="*i8", S="*fp32"),
-                dict(HAS_SMOOTH=True, BLOCK_K=4096, ONE_PASS=True), [(8, 1)]))
-    out.append(("quant_rows_s8[two-pass]", Q._quant_rows_s8_kernel,
-                dict(X="*fp16", Smooth="*fp32", Q="*i8", S="*fp32"),
-                dict(HAS_SMOOTH=False, BLOCK_K=8192, ONE_PASS=False), [(8, 1)]))
+    for fp8 in (False, True) if arch >= 89 else (False,):
+        qt = "*fp8e4nv" if fp8 else "*i8"
+        out.append((f"quant_rows[{qt[1:]}]", Q._quant_rows_kernel,
+                    dict(X="*bf16", Smooth="*fp32", Q=qt, S="*fp32"),
+                    dict(HAS_SMOOTH=not fp8, BLOCK_K=4096, ONE_PASS=True, FP8=fp8), [(8, 1)]))
+        out.append((f"quant_rows[{qt[1:]},two-pass]", Q._quant_rows_kernel,
+                    dict(X="*fp16", Smooth="*fp32", Q=qt, S="*fp32"),
+                    dict(HAS_SMOOTH=False, BLOCK_K=8192, ONE_PASS=False, FP8=fp8), [(8, 1)]))
     for kname, kern, ydt in (("wo_decode", Q._wo_decode, "*fp16"), ("wo_splitk", Q._wo_splitk, "*fp32"),
                              ("wo_gemm", Q._wo_gemm, "*bf16")):
         # g32 only for the decode kernel: its prune clamps BLOCK_K further than g128 does.

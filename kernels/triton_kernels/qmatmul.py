@@ -2,6 +2,7 @@
 
 Entry points (x may have leading dims [..., K]; weights are nn.Linear order [N, K]):
   quantize_per_token_int8(x, smooth)   float x -> int8 q, fp32 scale per row (dynamic, symmetric)
+  quantize_per_token_fp8(x)            float x -> float8_e4m3fn q, fp32 scale per row (one kernel)
   w8a8_linear(x, w_q, w_scale, ...)    int8 x int8 -> int32 accumulation, per-token x
                                        per-channel scales, optional bias and gelu/silu epilogue
   fp8_linear(x, w, x_scale, w_scale)   float8_e4m3fn x float8_e4m3fn -> fp32 accumulation,
@@ -173,43 +174,59 @@ def _epilogue(acc, offs_n, n_ok, Bias, HAS_BIAS: tl.constexpr, ACT: tl.constexpr
 
 
 @triton.jit
-def _quant_rows_s8_kernel(X, Smooth, Q, S, K, stride_xm, stride_qm,
-                          HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
-    """Grid (M,): s = amax(|x * smooth|) / 127 (1 for an all-zero row), q = rint(x / s).
+def _quant_codes(x, scale, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
+    """int8: rint(x / s) clamped to +-127; FP8: x / s clamped to +-448 (NaN kept), rounded to
+    e4m3 by the store's conversion. IEEE division (div_rn), as torch's x / s."""
+    r = tl.math.div_rn(x, tl.broadcast_to(scale, [BLOCK_K]))
+    if FP8:
+        return tl.where(r != r, r, tl.minimum(tl.maximum(r, -448.0), 448.0))
+    r = _round_half_even(r)
+    return tl.minimum(tl.maximum(r, -127.0), 127.0)
+
+
+@triton.jit
+def _quant_rows_kernel(X, Smooth, Q, S, K, stride_xm, stride_qm,
+                       HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+                       FP8: tl.constexpr):
+    """Grid (M,): per-row dynamic quantization, as reference.quantize_rows_s8 (int8:
+    s = amax(|x * smooth|) / 127) or reference.quantize_fp8_act per token (FP8: s = amax / 448);
+    s = 1 for an all-zero row or one holding a NaN (the reference's `amax > 0` is False there).
     ONE_PASS (K <= BLOCK_K, up to 8192): the row is read once and kept in registers; longer
     rows take a second pass over x (an L2 hit)."""
+    QMAX: tl.constexpr = 448.0 if FP8 else 127.0
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xm
+    q_row = Q + row * stride_qm
     if ONE_PASS:
         offs = tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
         m = tl.max(tl.abs(x), 0)
+        nan = tl.max((x != x).to(tl.int32), 0)
     else:
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        nans = tl.zeros([BLOCK_K], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
             if HAS_SMOOTH:
                 x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
+            nans = tl.maximum(nans, (x != x).to(tl.int32))
         m = tl.max(amax, 0)
-    # IEEE division (div_rn) so the codes match torch's x / s bit for bit.
-    scale = tl.where(m > 0.0, tl.math.div_rn(m, 127.0), 1.0)
+        nan = tl.max(nans, 0)
+    scale = tl.where((m > 0.0) & (nan == 0), tl.math.div_rn(m, QMAX), 1.0)
     if ONE_PASS:
-        r = _round_half_even(tl.math.div_rn(x, tl.broadcast_to(scale, [BLOCK_K])))
-        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-        tl.store(Q + row * stride_qm + offs, r.to(tl.int8), mask=offs < K)
+        tl.store(q_row + offs, _quant_codes(x, scale, BLOCK_K, FP8).to(Q.dtype.element_ty), mask=offs < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
             if HAS_SMOOTH:
                 x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
-            r = _round_half_even(tl.math.div_rn(x, tl.broadcast_to(scale, [BLOCK_K])))
-            r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-            tl.store(Q + row * stride_qm + offs, r.to(tl.int8), mask=offs < K)
+            tl.store(q_row + offs, _quant_codes(x, scale, BLOCK_K, FP8).to(Q.dtype.element_ty),
+                     mask=offs < K)
     tl.store(S + row, scale)
 
 
@@ -420,26 +437,43 @@ def _scale_arg(scale: torch.Tensor, n: int, what: str):
     return s, 1
 
 
-def quantize_per_token_int8(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
-    """Dynamic symmetric int8 per row of x [..., K] (as reference.quantize_rows_s8, on x * smooth
-    if given): returns q int8 [..., K] and scale fp32 [...] (1 for an all-zero row)."""
+def _quantize_rows(x: torch.Tensor, smooth: Optional[torch.Tensor], fp8: bool):
     check_device(x, smooth)
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
     K = x.shape[-1]
     x2 = _rows(x)
     M = x2.shape[0]
-    q = torch.empty(M, K, device=x.device, dtype=torch.int8)
+    # Triton's interpreter rounds fp32 -> e4m3 wrongly (half away from zero, and 124 -> 64
+    # when the mantissa carries): there the kernel writes the clamped fp32 values and torch
+    # converts them. On a GPU the store converts (cvt.rn.satfinite, round-half-even).
+    fp8_via_torch = fp8 and interpreting()
+    q = torch.empty(M, K, device=x.device,
+                    dtype=torch.float32 if fp8_via_torch else torch.float8_e4m3fn if fp8 else torch.int8)
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     if M and K:
         sm = smooth.contiguous() if smooth is not None else x2
         block = min(triton.next_power_of_2(K), QUANT_BLOCK_INTERP if interpreting() else 8192)
-        _quant_rows_s8_kernel[(M,)](x2, sm, q, s, K, x2.stride(0), q.stride(0),
-                                    HAS_SMOOTH=smooth is not None, BLOCK_K=block,
-                                    ONE_PASS=K <= block, num_warps=4 if block <= 1024 else 8)
+        _quant_rows_kernel[(M,)](x2, sm, q, s, K, x2.stride(0), q.stride(0),
+                                 HAS_SMOOTH=smooth is not None, BLOCK_K=block, ONE_PASS=K <= block,
+                                 FP8=fp8, num_warps=4 if block <= 1024 else 8)
     elif M:
         s.fill_(1.0)
+    if fp8_via_torch:
+        q = q.to(torch.float8_e4m3fn)
     return q.reshape(*x.shape), s.reshape(x.shape[:-1])
+
+
+def quantize_per_token_int8(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
+    """Dynamic symmetric int8 per row of x [..., K] (as reference.quantize_rows_s8, on x * smooth
+    if given): returns q int8 [..., K] and scale fp32 [...] (1 for an all-zero row)."""
+    return _quantize_rows(x, smooth, fp8=False)
+
+
+def quantize_per_token_fp8(x: torch.Tensor):
+    """Dynamic e4m3 per row of x [..., K], one kernel, bit for bit
+    reference.quantize_fp8_act(x, "per_token"): q float8_e4m3fn [..., K], scale fp32 [...]."""
+    return _quantize_rows(x, None, fp8=True)
 
 
 def _scaled_mm(x2, w, sx, ssx, sw, ssw, bias, act, out_dtype, is_fp8):
