@@ -15,11 +15,15 @@ HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_aot.p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["all", "fixed"])
 @pytest.mark.parametrize("arch", [80, 89, 90])
-def test_every_kernel_and_config_compiles(arch):
+def test_every_kernel_and_config_compiles(arch, mode):
+    """all: every autotune config compiles (and at least one per kernel fits the arch's shared
+    memory); fixed: the one config each kernel runs with LATHE_TRITON_AUTOTUNE=0 fits."""
     pytest.importorskip("triton", exc_type=ImportError)
     python = os.environ.get("LATHE_AOT_PYTHON", sys.executable)
-    r = subprocess.run([python, HARNESS, "--arch", str(arch)], capture_output=True, text=True,
+    extra = ["--fixed"] if mode == "fixed" else []
+    r = subprocess.run([python, HARNESS, "--arch", str(arch), *extra], capture_output=True, text=True,
                        env={**os.environ, "TRITON_INTERPRET": "0"})
     if r.returncode == 77:
         pytest.skip(json.loads(r.stdout)["skip"])

@@ -16,7 +16,9 @@ import os
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"
-os.environ["LATHE_TRITON_AUTOTUNE"] = "1"  # every config, not the fixed test one
+# Every config; --fixed checks the one config each kernel runs under pytest instead (it must
+# fit the shared memory of every arch).
+os.environ["LATHE_TRITON_AUTOTUNE"] = "0" if "--fixed" in sys.argv else "1"
 
 ARCHS = (80, 89, 90)
 # Shared memory a block may use (opt-in maximum), bytes: A100, Ada (L4/4090), H100/H200.
@@ -35,7 +37,7 @@ def _unwrap(kernel):
     return fn, tuner
 
 
-def configs_of(kernel, consts: dict, launches=None):
+def configs_of(kernel, consts: dict, launches=None, arch: int = 90):
     """[(constexpr overrides, num_warps, num_stages)]: the autotuner's configs after its early
     prune (which sees the constexprs as named args), or the given launches of a plain kernel."""
     _, tuner = _unwrap(kernel)
@@ -44,7 +46,7 @@ def configs_of(kernel, consts: dict, launches=None):
     configs = list(tuner.configs)
     prune = getattr(tuner, "early_config_prune", None)
     if prune:
-        configs = prune(configs, dict(consts))
+        configs = prune(configs, {**consts, "__smem_limit__": SMEM_LIMIT[arch]})
     return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
 
 
@@ -129,7 +131,7 @@ def run(arch: int, only: str | None = None) -> dict:
         if only and only not in name:
             continue
         fits = 0
-        for over, warps, stages in configs_of(kernel, consts, launches):
+        for over, warps, stages in configs_of(kernel, consts, launches, arch):
             cfg = f"{over} warps={warps} stages={stages}"
             try:
                 k = compile_one(kernel, sig, {**consts, **over}, arch, warps, stages)
@@ -150,6 +152,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, choices=ARCHS, required=True)
     ap.add_argument("--only", help="compile only the cases whose name contains this")
+    ap.add_argument("--fixed", action="store_true",
+                    help="the fixed configs of LATHE_TRITON_AUTOTUNE=0 (each must fit)")
     a = ap.parse_args(argv)
     try:
         import triton  # noqa: F401
@@ -158,7 +162,11 @@ def main(argv=None):
     except ImportError as e:
         print(json.dumps({"skip": f"this triton has no ASTSource/GPUTarget: {e}"}))
         return 77
-    print(json.dumps(run(a.arch, a.only)))
+    report = run(a.arch, a.only)
+    if a.fixed:  # one config per kernel: an oversized one cannot launch at all
+        report["failed"] += [{"case": o, "config": "fixed", "error": "exceeds shared memory"}
+                             for o in report["oversized"]]
+    print(json.dumps(report))
     return 0
 
 
