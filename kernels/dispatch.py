@@ -104,3 +104,17 @@ def use_backend(backend: str, op: str | None = None):
         yield
     finally:
         stack.pop()
+
+
+def kernel_for(op: str, device, **shape) -> str:
+    """backend_for, plus on a GPU the kernel that runs for this shape (rows, n, dtype,
+    group_size, asym: see lathe.kernels.gpu.kernel_for), e.g. 'cuda:w4a16_gemv' or
+    'triton:dequant+cublas'. Bench reports name kernels with it."""
+    backend = backend_for(op, device)
+    dev = getattr(device, "type", None) or str(device).split(":")[0]
+    if dev != "cuda":
+        return backend
+    from lathe.kernels.gpu import kernel_for as gpu_kernel
+
+    return gpu_kernel(op, backend, device=device, **shape)
+

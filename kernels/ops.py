@@ -48,6 +48,9 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     if backend == "triton":
         from lathe.kernels.gpu import triton_linear_w8a8
         return triton_linear_w8a8(x, w_q, w_scale, bias, act, smooth)
+    if backend == "triton":
+        from lathe.kernels.gpu import fallback
+        fallback("linear_w8a8", "reference", "asymmetric activations (the Triton kernel is symmetric)")
     return reference.linear_w8a8(x, w_q, w_scale, bias, act, smooth, asym).to(x.dtype)
 
 
@@ -74,12 +77,9 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         else:
             p = {"codes": p_codes, "scales": p_scales, "zeros": p_zeros}
         return cpu_int4.int4_linear(x, p, qweight.shape[0], K, group_size, bias)
-    if backend == "cuda" and x.shape[:-1].numel() <= 16:
-        from lathe.kernels.cuda_ops import w4a16_linear
-        return w4a16_linear(x, qweight, scales, zeros, group_size, bias)
-    if backend in ("cuda", "triton"):
-        from lathe.kernels.gpu import triton_linear_w4a16
-        return triton_linear_w4a16(x, qweight, scales, zeros, group_size, bias)
+    if backend in ("cuda", "triton"):  # which GPU kernel: lathe.kernels.gpu.kernel_for
+        from lathe.kernels import gpu
+        return gpu.linear_w4a16(backend, x, qweight, scales, zeros, group_size, bias)
     return reference.linear_w4a16(x, qweight, scales, zeros, group_size, bias)
 
 
@@ -162,6 +162,9 @@ def linear_fp8(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     if backend in ("torch", "triton") and _fp8_units(x.device):
         from lathe.kernels.gpu import triton_linear_fp8
         return triton_linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
+    if backend == "triton":
+        from lathe.kernels.gpu import fallback
+        fallback("linear_fp8", "reference", "FP8 needs an sm_89+ GPU")
     return reference.linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
 
 

@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GPU tests run each Triton kernel with one fixed config: no autotuning sweep per test case
+# (real runs keep autotuning, with triton's on-disk cache).
+os.environ.setdefault("LATHE_TRITON_AUTOTUNE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,6 @@ the half types), plus one ulp of the output's largest magnitude.
 """
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -206,6 +204,8 @@ def test_gpu_decode_long_cache(dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_autotune_is_cached_per_bucket():
+    if len(A._attn_fwd_kernel.configs) == 1:
+        pytest.skip("one fixed config (LATHE_TRITON_AUTOTUNE=0 under pytest): no tuning to cache")
     q, k, v, _ = _inputs(1, 4, 4, 700, 700, 64, torch.float16, False)
     A.flash_attention(q, k, v, causal=True)
     n = len(A._attn_fwd_kernel.cache)
@@ -224,50 +224,4 @@ def test_gpu_faster_than_math_attention():
     t_math = triton.testing.do_bench(lambda: _attention_at(q, k, v, True, None, torch.bfloat16))
     assert t_lathe < t_math
 
-
-# ----------------------------------------------------------------------------- GPU lowering, no GPU
-
-_AOT = r'''
-import sys
-try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print(e); sys.exit(77)
-from lathe.kernels.triton_kernels import attention as A
-
-def build(kern, sig, consts, cap, warps, stages):
-    fn = kern
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn  # unwrap the autotuner
-    full = {n: "constexpr" if n in consts else sig.get(n, "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if full[n][0] == "*"}
-    k = triton.compile(ASTSource(fn, full, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
-    assert k.asm["cubin"]
-
-for cap in (80, 90):
-    for dt, D, causal, varlen in (("bf16", 128, True, False), ("fp16", 96, False, True)):
-        sig = dict(Q="*" + dt, K="*" + dt, V="*" + dt, O="*" + dt, Mask="*u8", CuQ="*i32", CuK="*i32",
-                   qk_scale="fp32")
-        build(A._attn_fwd_kernel, sig, dict(HEAD_DIM=D, BLOCK_D=128, IS_CAUSAL=causal, HAS_MASK=not varlen,
-                                            IS_VARLEN=varlen, DOT_PREC="tf32", BLOCK_M=128, BLOCK_N=64), cap, 8, 3)
-    sig = dict(Q="*bf16", K="*bf16", V="*bf16", Mask="*u8", Opart="*fp32", Lse="*fp32", qk_scale="fp32")
-    build(A._decode_partial_kernel, sig, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_G=16, HAS_MASK=True,
-                                              DOT_PREC="tf32", BLOCK_N=64), cap, 4, 2)
-    build(A._decode_reduce_kernel, dict(Opart="*fp32", Lse="*fp32", O="*bf16"),
-          dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16), cap, 4, 1)
-print("ok")
-'''
-
-
-@pytest.mark.slow
-def test_kernels_lower_to_sm80_and_sm90_cubin():
-    """Compile (not run) the GPU kernels with triton's bundled ptxas: catches lowering errors
-    that the interpreter cannot see, on machines without a GPU."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True)
-    if r.returncode == 77:
-        pytest.skip(f"this triton has no ASTSource/GPUTarget API: {r.stdout.strip()}")
-    assert r.returncode == 0, r.stderr[-3000:]
+# Ahead-of-time compilation for sm_80/89/90: tests/test_triton_aot.py.

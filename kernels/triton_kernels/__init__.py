@@ -17,6 +17,7 @@ _EXPORTS = {
     "flash_attention_varlen": "attention",
     "flash_decode": "attention",
     "quantize_per_token_int8": "qmatmul",
+    "quantize_per_token_fp8": "qmatmul",
     "w8a8_linear": "qmatmul",
     "fp8_linear": "qmatmul",
     "quantize_fp8": "qmatmul",

@@ -15,6 +15,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+def autotune_enabled() -> bool:
+    """False under LATHE_TRITON_AUTOTUNE=0 (tests/conftest.py sets it for pytest): each kernel
+    then runs one fixed config instead of benchmarking its whole list on first call."""
+    return os.environ.get("LATHE_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no")
+
+
+def pick_configs(configs: list, fixed, interpreter):
+    """The configs a kernel's autotuner gets: all of them for real GPU runs, `fixed` (a good
+    default for the target GPU) when autotuning is off, `interpreter` (tiny blocks) under
+    TRITON_INTERPRET=1. Read once, when the kernel module is imported."""
+    if interpreting():
+        return [interpreter]
+    if not autotune_enabled():
+        return [fixed]
+    return list(configs)
+
+
 def import_triton():
     """(triton, triton.language), or an ImportError that says what to install."""
     try:

@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from ._runtime import MISSING_TRITON, bucket, check_device, interpreting, num_sms
+from ._runtime import MISSING_TRITON, bucket, check_device, interpreting, num_sms, pick_configs
 
 try:
     import triton
@@ -61,31 +61,51 @@ def _dot_precision(dtype) -> str:
 
 
 def _fwd_configs():
-    if interpreting():  # one config: autotuning would re-run every test case per config
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                             (64, 32, 4, 4), (128, 128, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
-    ]
+    # Hopper (228 KB shared, 4 warp schedulers): 128-row query tiles with 8 warps and 3-4
+    # stages keep the tensor cores fed at S >= 1k; 64-row tiles give short sequences (S = 512,
+    # B*H = 64 -> 512 programs) more than two waves over 132 SMs. The fixed (no-autotune)
+    # config fits the shared memory of every arch (D = 256 included).
+    cfg = lambda bm, bn, w, s: triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)  # noqa: E731
+    full = [cfg(*c) for c in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2),
+                              (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+                              (64, 64, 4, 2), (64, 32, 4, 2)]]
+    return pick_configs(full, cfg(64, 64, 4, 2), cfg(16, 16, 4, 1))
+
+
+def _smem_limit(named_args) -> int:
+    """Shared memory a block may use on the launch device (the AOT tests pass the target's
+    limit as __smem_limit__; no CUDA tensor: no limit)."""
+    if named_args.get("__smem_limit__"):
+        return named_args["__smem_limit__"]
+    q = named_args.get("Q")
+    if isinstance(q, torch.Tensor) and q.device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(q.device), "shared_memory_per_block_optin", 101376)
+    return 1 << 30
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    # D=256: a 64x64 tile with 2 stages already takes ~160 KB of shared memory on sm_90 (of
-    # 227 KB); larger tiles or more stages do not fit, and compiling them first wastes autotune
-    # time (the autotuner would skip them as OutOfResources anyway).
+    # D=256: a 64x64 tile with 2 stages takes ~104 KB of shared memory: it fits sm_80/sm_90
+    # (163/227 KB) but not Ada's 99 KB, where BLOCK_N drops to 32. Larger tiles or more stages
+    # never fit; compiling them first wastes autotune time.
     if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 0)) >= 256:
-        small = [c for c in configs
-                 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
-        return small or configs[-1:]
+        bn_max = 64 if _smem_limit(named_args) >= 128 * 1024 else 32
+        out, seen = [], set()
+        for c in configs:
+            if c.kwargs["BLOCK_M"] > 64 or c.num_stages > 2:
+                continue
+            kw = {**c.kwargs, "BLOCK_N": min(c.kwargs["BLOCK_N"], bn_max)}
+            key = (kw["BLOCK_M"], kw["BLOCK_N"], c.num_warps, c.num_stages)
+            if key not in seen:
+                seen.add(key)
+                out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+        return out or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return configs
 
 
 def _decode_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(64, 4, 2), (128, 4, 2), (64, 4, 3), (128, 8, 3)]]
+    cfg = lambda bn, w, s: triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)  # noqa: E731
+    full = [cfg(*c) for c in [(64, 4, 2), (128, 4, 2), (64, 4, 3), (128, 8, 3), (128, 8, 2)]]
+    return pick_configs(full, cfg(64, 4, 2), cfg(16, 4, 1))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -132,7 +152,7 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, mask_bas
 
 @triton.autotune(configs=_fwd_configs(), key=["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "IS_CAUSAL",
                                               "HAS_MASK", "IS_VARLEN"],
-                 prune_configs_by={"early_config_prune": _prune_fwd})
+                 prune_configs_by={"early_config_prune": _prune_fwd}, cache_results=True)
 @triton.jit
 def _attn_fwd_kernel(
         Q, K, V, O, Mask, CuQ, CuK, qk_scale,
@@ -207,7 +227,8 @@ def _attn_fwd_kernel(
              mask=m_ok[:, None] & d_ok[None, :])
 
 
-@triton.autotune(configs=_decode_configs(), key=["SK_BUCKET", "BLOCK_D", "BLOCK_G", "HAS_MASK"])
+@triton.autotune(configs=_decode_configs(), key=["SK_BUCKET", "BLOCK_D", "BLOCK_G", "HAS_MASK"],
+                 cache_results=True)
 @triton.jit
 def _decode_partial_kernel(
         Q, K, V, Mask, Opart, Lse, qk_scale,

@@ -2,6 +2,7 @@
 
 Entry points (x may have leading dims [..., K]; weights are nn.Linear order [N, K]):
   quantize_per_token_int8(x, smooth)   float x -> int8 q, fp32 scale per row (dynamic, symmetric)
+  quantize_per_token_fp8(x)            float x -> float8_e4m3fn q, fp32 scale per row (one kernel)
   w8a8_linear(x, w_q, w_scale, ...)    int8 x int8 -> int32 accumulation, per-token x
                                        per-channel scales, optional bias and gelu/silu epilogue
   fp8_linear(x, w, x_scale, w_scale)   float8_e4m3fn x float8_e4m3fn -> fp32 accumulation,
@@ -24,9 +25,24 @@ Roofline on H100 SXM (989 TFLOP/s fp16/bf16 dense, 1979 TOP/s int8/fp8 dense, 3.
     137 GOP -> 70 us at peak). The dynamic quantization of x adds a pass over x
     (2*M*K read + M*K written for fp16 x).
   FP8 W8A8: the same bytes as int8, 1979 TFLOP/s dense on sm_90 (sm_89 has fp8 tensor cores too).
-Small M (decode) uses split-K for the weight-only kernels: with M <= 16 there are only N/BLOCK_N
-output tiles, too few programs to pull full bandwidth from 132 SMs, so K is cut into SPLIT_K
-slices whose fp32 partial sums are atomically added (run-to-run bit differences are possible).
+Weight-only paths by rows M (weight_only_path names them; bench reports show the name):
+  M <= 16     gemv: a 16-row MMA tile, BLOCK_N = 16-64 output rows a program, no split-K
+              (N >= 16 x SMs gives >= 2 programs per SM; fewer tiles take gemv-splitk, fp32
+              atomics). The int4 codes are read as int32 words along W's rows ([N, K/8], the
+              stored bytes, no repack): EVEN_K loads are 16-byte cp.async in a 3-5 stage
+              pipeline (checked in the sm_90 PTX). Per 16 KB of codes a program issues
+              ~5 ALU ops a weight (shift/and/or, fp32 sub/mul via the 2^23 exponent trick,
+              one cvt to fp16), ~2.6 TB/s of codes at the H200's issue rate: above the
+              ~1.4-2.1 TB/s that 3x fp16 cuBLAS needs at 4096^2..8192^2 (cuBLAS measured
+              1.8-3.0 TB/s there). Unmeasured: the first GPU run of scripts/gpu_check.sh says.
+  16 < M < DEQUANT_MIN_M   gemm: wgmma tiles up to 128x256, W dequantized per tile (1/BLOCK_M
+              of the MMA work). At M = 256 both fp16 and int4 are compute-bound (8.6 GFLOP,
+              ~12 us), so >= 1.5x fp16 is reachable only where cuBLAS is memory-bound (M <= ~64).
+  M >= DEQUANT_MIN_M (1024)   dequant+cublas: W to x's dtype (read N*K/2, write 2*N*K bytes),
+              then torch.matmul. The pass costs 2.5*N*K/BW against 2*M*N*K/F for the matmul:
+              ~200/M of it on an H200 (F ~ 700 TFLOP/s, BW ~ 4.3 TB/s), 20% at M = 1024, 5% at
+              M = 4096. So 0.95x fp16 holds from M ~ 4096 on this path; at M = 1024 the bench
+              times the in-loop gemm beside it (path=) to pick the threshold.
 """
 from __future__ import annotations
 
@@ -34,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from ._runtime import MISSING_TRITON, bucket, check_device, interpreting
+from ._runtime import MISSING_TRITON, bucket, check_device, interpreting, num_sms, pick_configs
 
 try:
     import triton
@@ -44,8 +60,12 @@ except ImportError as e:  # the package's lazy wrappers only import this module 
 
 _ACTS = {"none": 0, "gelu": 1, "silu": 2}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-# Weight-only matmuls with at most this many rows take the split-K (decode) configs.
+# Weight-only matmuls with at most this many rows take the decode (GEMV) kernels.
 SMALL_M = 16
+# Row block of the int8 quantizer under the interpreter (small, so both of its paths are tested).
+QUANT_BLOCK_INTERP = 128
+# int4 matmuls with at least this many rows dequantize W once and call cuBLAS.
+DEQUANT_MIN_M = 1024
 
 
 def _dot_precision(dtype) -> str:
@@ -63,36 +83,46 @@ def _cfg(bm, bn, bk, warps, stages, split_k=None):
 
 
 def _mm_configs():
-    if interpreting():  # one config: no benchmarking per test case
-        return [_cfg(16, 32, 32, 4, 1)]
-    return [_cfg(*c) for c in [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                               (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4),
-                               (32, 64, 128, 4, 4)]]
+    # Hopper: 128x256 / 256x128 tiles with 8 warps feed wgmma; 64-wide tiles cover small M.
+    full = [_cfg(*c) for c in [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                               (128, 128, 64, 4, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4),
+                               (64, 64, 128, 4, 4), (32, 64, 128, 4, 4)]]
+    return pick_configs(full, _cfg(128, 128, 128, 8, 3), _cfg(16, 32, 32, 4, 1))
 
 
-def _wo_small_configs():
-    if interpreting():
-        return [_cfg(16, 32, 32, 4, 1, split_k=2)]  # exercises the atomic split-K path
-    return [_cfg(*c) for c in [(16, 32, 128, 4, 4, 1), (16, 64, 128, 4, 4, 1), (16, 32, 128, 4, 4, 2),
-                               (16, 64, 128, 4, 4, 2), (16, 64, 128, 4, 4, 4), (16, 128, 128, 4, 3, 4),
-                               (16, 32, 128, 4, 4, 8), (16, 64, 64, 4, 4, 8)]]
+def _wo_decode_configs():
+    """M <= 16 (decode): one 16-row MMA tile; narrow N tiles give >= 2 waves of programs on
+    132 SMs for N >= 4096 without split-K, and long BLOCK_K slabs (128-256 B of codes a row)
+    with 3-5 stages keep ~16-32 KB of weight loads in flight per SM (Little's law at
+    ~4.3 TB/s and ~1 us latency needs ~33 KB per SM)."""
+    full = [_cfg(*c, split_k=1) for c in [(16, 16, 256, 4, 4), (16, 32, 256, 4, 4), (16, 32, 128, 4, 5),
+                                          (16, 64, 128, 4, 4), (16, 16, 512, 4, 3), (16, 32, 512, 4, 3),
+                                          (16, 64, 256, 8, 3)]]
+    return pick_configs(full, _cfg(16, 32, 256, 4, 4, split_k=1), _cfg(16, 16, 32, 4, 1, split_k=1))
 
 
-def _wo_large_configs():
-    if interpreting():
-        return [_cfg(16, 32, 32, 4, 1, split_k=1)]
-    return [_cfg(*c) for c in [(32, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 1), (64, 128, 64, 4, 4, 1),
-                               (128, 128, 64, 8, 3, 1), (128, 64, 64, 4, 4, 1), (128, 256, 64, 8, 3, 1)]]
+def _wo_splitk_configs():
+    """M <= 16 with few output tiles (N < 16 x SMs): K is split across programs."""
+    full = [_cfg(*c) for c in [(16, 32, 128, 4, 4, 2), (16, 32, 128, 4, 4, 4), (16, 32, 128, 4, 4, 8),
+                               (16, 64, 128, 4, 4, 4), (16, 16, 256, 4, 4, 4), (16, 32, 256, 4, 4, 8)]]
+    return pick_configs(full, _cfg(16, 32, 128, 4, 4, 4), _cfg(16, 16, 32, 4, 1, 2))
+
+
+def _wo_gemm_configs():
+    full = [_cfg(*c, split_k=1) for c in [(32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
+                                          (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3),
+                                          (64, 128, 128, 8, 3)]]
+    return pick_configs(full, _cfg(64, 128, 64, 4, 4, split_k=1), _cfg(16, 16, 64, 4, 1, split_k=1))
 
 
 def _prune_group(configs, named_args, **kwargs):
-    """A K block must lie inside one quantization group (one scale per column per block):
-    clamp BLOCK_K to the group size, dropping the duplicates that makes."""
+    """BLOCK_K must divide the group size or be a multiple of it (each slab then holds whole
+    groups, or lies in one): halve it until it does, dropping the duplicates that makes."""
     g = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
     out, seen = [], set()
     for c in configs:
         kw = dict(c.kwargs)
-        while g % kw["BLOCK_K"]:
+        while g % kw["BLOCK_K"] and kw["BLOCK_K"] % g:
             kw["BLOCK_K"] //= 2
         key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
         if key not in seen:
@@ -144,41 +174,76 @@ def _epilogue(acc, offs_n, n_ok, Bias, HAS_BIAS: tl.constexpr, ACT: tl.constexpr
 
 
 @triton.jit
-def _quant_rows_s8_kernel(X, Smooth, Q, S, K, stride_xm, stride_qm,
-                          HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (M,): s = amax(|x * smooth|) / 127 (1 for an all-zero row), q = rint(x / s)."""
+def _quant_codes(x, scale, BLOCK_K: tl.constexpr, FP8: tl.constexpr):
+    """int8: rint(x / s) clamped to +-127; FP8: x / s clamped to +-448 (NaN kept), rounded to
+    e4m3 by the store's conversion. IEEE division (div_rn), as torch's x / s."""
+    r = tl.math.div_rn(x, tl.broadcast_to(scale, [BLOCK_K]))
+    if FP8:
+        return tl.where(r != r, r, tl.minimum(tl.maximum(r, -448.0), 448.0))
+    r = _round_half_even(r)
+    return tl.minimum(tl.maximum(r, -127.0), 127.0)
+
+
+@triton.jit
+def _quant_rows_kernel(X, Smooth, Q, S, K, stride_xm, stride_qm,
+                       HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+                       FP8: tl.constexpr):
+    """Grid (M,): per-row dynamic quantization, as reference.quantize_rows_s8 (int8:
+    s = amax(|x * smooth|) / 127) or reference.quantize_fp8_act per token (FP8: s = amax / 448);
+    s = 1 for an all-zero row or one holding a NaN (the reference's `amax > 0` is False there).
+    ONE_PASS (K <= BLOCK_K, up to 8192): the row is read once and kept in registers; longer
+    rows take a second pass over x (an L2 hit)."""
+    QMAX: tl.constexpr = 448.0 if FP8 else 127.0
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_xm
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
+    q_row = Q + row * stride_qm
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK_K)
         x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    m = tl.max(amax, 0)
-    # IEEE division (div_rn) so the codes match torch's x / s bit for bit.
-    scale = tl.where(m > 0.0, tl.math.div_rn(m, 127.0), 1.0)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
-        r = _round_half_even(tl.math.div_rn(x, tl.broadcast_to(scale, [BLOCK_K])))
-        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-        tl.store(Q + row * stride_qm + offs, r.to(tl.int8), mask=offs < K)
+        m = tl.max(tl.abs(x), 0)
+        nan = tl.max((x != x).to(tl.int32), 0)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        nans = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+            nans = tl.maximum(nans, (x != x).to(tl.int32))
+        m = tl.max(amax, 0)
+        nan = tl.max(nans, 0)
+    scale = tl.where((m > 0.0) & (nan == 0), tl.math.div_rn(m, QMAX), 1.0)
+    if ONE_PASS:
+        tl.store(q_row + offs, _quant_codes(x, scale, BLOCK_K, FP8).to(Q.dtype.element_ty), mask=offs < K)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(Smooth + offs, mask=offs < K, other=0.0).to(tl.float32)
+            tl.store(q_row + offs, _quant_codes(x, scale, BLOCK_K, FP8).to(Q.dtype.element_ty),
+                     mask=offs < K)
     tl.store(S + row, scale)
 
 
-@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _scaled_mm_kernel(X, W, SX, SW, Bias, Y, M, N, K, M_BUCKET,
                       stride_xm, stride_wn, stride_ym, stride_sx, stride_sw,
                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, IS_FP8: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     """y = (x @ w^T) * sx[m] * sw[n] (+ bias, act). int8: exact int32 accumulation; fp8 (e4m3):
-    fp32 accumulation. stride_sx/stride_sw = 0 broadcast a per-tensor scale."""
+    fp32 accumulation. stride_sx/stride_sw = 0 broadcast a per-tensor scale.
+
+    EVEN_K (K % BLOCK_K == 0): the loads are masked by row only, so they vectorize to 16 bytes
+    and triton pipelines them (cp.async into num_stages buffers); a mask that varies along K
+    turns them into 1-byte loads outside the pipeline (seen in the sm_90 PTX)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,10 +257,20 @@ def _scaled_mm_kernel(X, W, SX, SW, Bias, Y, M, N, K, M_BUCKET,
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        a = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        if EVEN_K:
+            a = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None], other=0.0)
+            b = tl.load(w_ptrs + offs_k[:, None], mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K
+            a = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IS_FP8:
+            # Hopper's fp8 MMA accumulates in reduced precision: promote the partial sum to
+            # fp32 every BLOCK_K (<= 128) of K, as cuBLAS does without fast accumulation.
+            acc = tl.dot(a, b, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
+        else:
+            # An explicit int32 out_dtype: triton 3.6 asserts acc dtype == out_dtype.
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     sx = tl.load(SX + offs_m * stride_sx, mask=m_ok, other=0.0)
     sw = tl.load(SW + offs_n * stride_sw, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]  # reference order: (acc * s_x) * s_w
@@ -205,53 +280,90 @@ def _scaled_mm_kernel(X, W, SX, SW, Bias, Y, M, N, K, M_BUCKET,
 
 
 @triton.jit
+def _dequant_tile(qw_ptrs, s_ptrs, z_ptrs, wmask, gmask, zmask,
+                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, NG: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] weight tile, dequantized in registers to OUT_DTYPE.
+
+    BITS=4: qw_ptrs address a [BLOCK_N, BLOCK_K/8] tile of int32 words (the uint8 [N, K/2]
+    weight viewed as int32 [N, K/8]; word j of a row holds k = 8j + i at bits 4i), so each row
+    reads BLOCK_K/2 contiguous bytes: 128-bit coalesced loads, no duplicated addresses.
+    BITS=8: a [BLOCK_N, BLOCK_K] int8 tile. The tile covers NG quantization groups
+    (s_ptrs / z_ptrs [BLOCK_N, NG]). The codes become floats with the exponent trick
+    (2^23 + c is an fp32 whose bits are 0x4B000000 | c): an OR and a subtract, not an
+    int->float conversion, which runs at a quarter of the FMA rate. (c - z) is exact and the
+    product is rounded once to the scales' dtype, as reference.dequant_int4."""
+    s = tl.load(s_ptrs, mask=gmask, other=0.0)
+    if BITS == 4:
+        words = tl.load(qw_ptrs, mask=wmask, other=0)
+        shifts = tl.arange(0, 8) * 4
+        codes = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+        c = (codes | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + code
+        if HAS_ZERO:
+            z = tl.load(z_ptrs, mask=zmask, other=0).to(tl.int32)
+            zf = (z | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + zero
+        else:
+            zf = tl.full([BLOCK_N, NG], 8388616.0, tl.float32)  # 2^23 + 8
+        c = tl.reshape(c, [BLOCK_N, NG, BLOCK_K // NG])
+        w = (c - zf[:, :, None]) * s.to(tl.float32)[:, :, None]
+    else:
+        c = tl.load(qw_ptrs, mask=wmask, other=0).to(tl.float32)
+        c = tl.reshape(c, [BLOCK_N, NG, BLOCK_K // NG])
+        w = c * s.to(tl.float32)[:, :, None]
+    w = tl.reshape(w, [BLOCK_N, BLOCK_K])
+    # Round like the reference (W in the scales' dtype), then to x's dtype for the MMA.
+    return w.to(s.dtype).to(OUT_DTYPE)
+
+
+@triton.jit
 def _weight_only_kernel(X, QW, S, Z, Bias, Y, M, N, K, M_BUCKET,
                         stride_xm, stride_qn, stride_sn, stride_sg, stride_zn, stride_zg, stride_ym,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         GROUP_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Grid (tiles, SPLIT_K). BITS=4: QW uint8 [N, K/2], low nibble = even k, zero point Z
-    (HAS_ZERO) or 8. BITS=8: QW int8 [N, K], symmetric. stride_sg = 0 makes the scale
-    per-channel. Each BLOCK_K slab lies in one group (BLOCK_K divides GROUP_SIZE), so one
-    scale/zero per column is loaded per slab. SPLIT_K > 1: Y is an fp32 buffer, atomically
-    accumulated (zeroed by the caller)."""
+                        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """Grid (tiles, SPLIT_K): y[m, n] = sum_k x[m, k] W[n, k] (+ bias), fp32 accumulation.
+
+    EVEN_K (K % BLOCK_K == 0, every Llama shape): loads are masked by row only, so the mask is
+    constant along K and the weight loads vectorize to 16 bytes (a mask that varies along K
+    makes triton split them into 4-byte copies).
+
+    The weight tile is [BLOCK_N, BLOCK_K] in W's own row order (rows contiguous along K, see
+    _dequant_tile) and enters the dot transposed. BLOCK_K divides GROUP_SIZE or is a multiple
+    of it (stride_sg = 0: one scale per row, per-channel). SPLIT_K > 1: Y is a zeroed fp32
+    buffer, fp32 partial sums are atomically added (run-to-run bit differences possible)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
+    NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    KW: tl.constexpr = BLOCK_K // 8 if BITS == 4 else BLOCK_K  # weight elements per row
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    offs_w = tl.arange(0, KW)
+    offs_g = tl.arange(0, NG)
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm
-    qw_ptrs = QW + offs_n.to(tl.int64)[None, :] * stride_qn
+    qw_rows = QW + offs_n.to(tl.int64)[:, None] * stride_qn
     k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wmask = k_ok[:, None] & n_ok[None, :]
-        if BITS == 4:
-            # Each byte is read for both of its k (the second read hits L1): simpler than an
-            # in-register interleave, same DRAM traffic.
-            byte = tl.load(qw_ptrs + (offs_k // 2)[:, None], mask=wmask, other=0).to(tl.int32)
-            code = ((byte >> ((offs_k % 2) * 4)[:, None]) & 0xF).to(tl.float32)
+        kw = k0 // 8 + offs_w if BITS == 4 else k0 + offs_w
+        if EVEN_K:
+            x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None], other=0.0)
+            wmask = tl.broadcast_to(n_ok[:, None], [BLOCK_N, KW])
         else:
-            code = tl.load(qw_ptrs + offs_k[:, None], mask=wmask, other=0).to(tl.float32)
-        g = k0 // GROUP_SIZE
-        s = tl.load(S + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0)
-        if HAS_ZERO:
-            z = tl.load(Z + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0).to(tl.float32)
-            w = (code - z[None, :]) * s.to(tl.float32)[None, :]
-        elif BITS == 4:
-            w = (code - 8.0) * s.to(tl.float32)[None, :]
-        else:
-            w = code * s.to(tl.float32)[None, :]
-        # Round like the reference (W in the scales' dtype), then to x's dtype for the MMA.
-        w = w.to(S.dtype.element_ty).to(X.dtype.element_ty)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+            x = tl.load(x_ptrs + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+            wmask = n_ok[:, None] & (kw < (K // 8 if BITS == 4 else K))[None, :]
+        g = k0 // GROUP_SIZE + offs_g
+        g_ok = (g * GROUP_SIZE < K)[None, :] & n_ok[:, None]
+        w = _dequant_tile(qw_rows + kw[None, :], S + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
+                          Z + offs_n[:, None] * stride_zn + g[None, :] * stride_zg,
+                          wmask, g_ok, g_ok,
+                          BITS, HAS_ZERO, NG, BLOCK_N, BLOCK_K, X.dtype.element_ty)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         if pid_k == 0:
             acc = acc + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -262,11 +374,39 @@ def _weight_only_kernel(X, QW, S, Z, Bias, Y, M, N, K, M_BUCKET,
         tl.atomic_add(y_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-_wo_small = triton.autotune(configs=_wo_small_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                            prune_configs_by={"early_config_prune": _prune_group},
-                            reset_to_zero=["Y"])(_weight_only_kernel)
-_wo_large = triton.autotune(configs=_wo_large_configs(), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                            prune_configs_by={"early_config_prune": _prune_group})(_weight_only_kernel)
+@triton.jit
+def _dequant_int4_kernel(QW, S, Z, W, N, K, stride_qn, stride_sn, stride_zn, stride_wn,
+                         HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """W [N, K] (W's dtype) from lathe int4 words, for the large-M path (then cuBLAS).
+    EVEN_K: masks by row only (vector loads and stores, as in _weight_only_kernel)."""
+    NG: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = offs_n < N
+    kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    g = k0 // GROUP_SIZE + tl.arange(0, NG)
+    g_ok = (g * GROUP_SIZE < K)[None, :] & n_ok[:, None]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        wmask = tl.broadcast_to(n_ok[:, None], [BLOCK_N, BLOCK_K // 8])
+        omask = tl.broadcast_to(n_ok[:, None], [BLOCK_N, BLOCK_K])
+    else:
+        wmask = n_ok[:, None] & (kw < K // 8)[None, :]
+        omask = n_ok[:, None] & (offs_k < K)[None, :]
+    w = _dequant_tile(QW + offs_n.to(tl.int64)[:, None] * stride_qn + kw[None, :],
+                      S + offs_n[:, None] * stride_sn + g[None, :],
+                      Z + offs_n[:, None] * stride_zn + g[None, :],
+                      wmask, g_ok, g_ok, 4, HAS_ZERO, NG, BLOCK_N, BLOCK_K, W.dtype.element_ty)
+    tl.store(W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], w, mask=omask)
+
+
+_wo_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_weight_only_kernel)
+_wo_kw = dict(key=["M_BUCKET", "N", "K", "GROUP_SIZE", "BITS"],
+              prune_configs_by={"early_config_prune": _prune_group}, cache_results=True)
+_wo_decode = triton.autotune(configs=_wo_decode_configs(), **_wo_kw)(_wo_kernel)
+_wo_splitk = triton.autotune(configs=_wo_splitk_configs(), reset_to_zero=["Y"], **_wo_kw)(_wo_kernel)
+_wo_gemm = triton.autotune(configs=_wo_gemm_configs(), **_wo_kw)(_wo_kernel)
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -297,26 +437,43 @@ def _scale_arg(scale: torch.Tensor, n: int, what: str):
     return s, 1
 
 
-def quantize_per_token_int8(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
-    """Dynamic symmetric int8 per row of x [..., K] (as reference.quantize_rows_s8, on x * smooth
-    if given): returns q int8 [..., K] and scale fp32 [...] (1 for an all-zero row)."""
+def _quantize_rows(x: torch.Tensor, smooth: Optional[torch.Tensor], fp8: bool):
     check_device(x, smooth)
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
     K = x.shape[-1]
     x2 = _rows(x)
     M = x2.shape[0]
-    q = torch.empty(M, K, device=x.device, dtype=torch.int8)
+    # Triton's interpreter rounds fp32 -> e4m3 wrongly (half away from zero, and 124 -> 64
+    # when the mantissa carries): there the kernel writes the clamped fp32 values and torch
+    # converts them. On a GPU the store converts (cvt.rn.satfinite, round-half-even).
+    fp8_via_torch = fp8 and interpreting()
+    q = torch.empty(M, K, device=x.device,
+                    dtype=torch.float32 if fp8_via_torch else torch.float8_e4m3fn if fp8 else torch.int8)
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     if M and K:
         sm = smooth.contiguous() if smooth is not None else x2
-        block = min(triton.next_power_of_2(K), 256 if interpreting() else 4096)
-        _quant_rows_s8_kernel[(M,)](x2, sm, q, s, K, x2.stride(0), q.stride(0),
-                                    HAS_SMOOTH=smooth is not None, BLOCK_K=block,
-                                    num_warps=4 if block <= 1024 else 8)
+        block = min(triton.next_power_of_2(K), QUANT_BLOCK_INTERP if interpreting() else 8192)
+        _quant_rows_kernel[(M,)](x2, sm, q, s, K, x2.stride(0), q.stride(0),
+                                 HAS_SMOOTH=smooth is not None, BLOCK_K=block, ONE_PASS=K <= block,
+                                 FP8=fp8, num_warps=4 if block <= 1024 else 8)
     elif M:
         s.fill_(1.0)
+    if fp8_via_torch:
+        q = q.to(torch.float8_e4m3fn)
     return q.reshape(*x.shape), s.reshape(x.shape[:-1])
+
+
+def quantize_per_token_int8(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
+    """Dynamic symmetric int8 per row of x [..., K] (as reference.quantize_rows_s8, on x * smooth
+    if given): returns q int8 [..., K] and scale fp32 [...] (1 for an all-zero row)."""
+    return _quantize_rows(x, smooth, fp8=False)
+
+
+def quantize_per_token_fp8(x: torch.Tensor):
+    """Dynamic e4m3 per row of x [..., K], one kernel, bit for bit
+    reference.quantize_fp8_act(x, "per_token"): q float8_e4m3fn [..., K], scale fp32 [...]."""
+    return _quantize_rows(x, None, fp8=True)
 
 
 def _scaled_mm(x2, w, sx, ssx, sw, ssw, bias, act, out_dtype, is_fp8):
@@ -413,7 +570,51 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor, w_scale:
     return y.reshape(*lead, N)
 
 
-def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel):
+def weight_only_path(M: int, N: int, bits: int, device) -> str:
+    """Which kernel a weight-only matmul with M rows runs (named in bench reports):
+      gemv          M <= 16 and N >= 16 x SMs: the decode kernel, one program a 16-row slab
+                    of W (no split-K, no extra launches)
+      gemv-splitk   M <= 16, fewer output tiles: K split over programs, fp32 atomics into a
+                    zeroed buffer (two extra launches: the zero fill and the cast)
+      gemm          16 < M < DEQUANT_MIN_M: tensor-core GEMM, W dequantized per tile
+      dequant+cublas  int4 with M >= DEQUANT_MIN_M: W dequantized once to x's dtype, then
+                    torch.matmul (the dequant pass is ~5% of the matmul there)."""
+    if M <= SMALL_M:
+        return "gemv" if triton.cdiv(N, 16) >= num_sms(torch.device(device)) else "gemv-splitk"
+    if bits == 4 and M >= DEQUANT_MIN_M:
+        return "dequant+cublas"
+    return "gemm"
+
+
+def _int4_words(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> int32 [N, K/8], the same bytes (little-endian words): no copy unless
+    the rows are not 4-byte aligned."""
+    qw = qweight.contiguous()
+    if qw.storage_offset() % 4:
+        qw = qw.clone()
+    return qw.view(torch.int32)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                    group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in `dtype` from the lathe int4 format, on the GPU (as reference.dequant_int4,
+    then cast to dtype)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    qw, sc = _int4_words(qweight), scales.contiguous()
+    zs = zeros.contiguous() if zeros is not None else sc
+    w = torch.empty(N, K, device=qweight.device, dtype=dtype)
+    bn, bk = (16, 64) if interpreting() else (64, 256)
+    _dequant_int4_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+        qw, sc, zs, w, N, K, qw.stride(0), sc.stride(0), zs.stride(0), w.stride(0),
+        HAS_ZERO=zeros is not None, GROUP_SIZE=group_size, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=K % bk == 0, num_warps=4, num_stages=1)
+    return w
+
+
+PATHS = ("gemv", "gemv-splitk", "gemm", "dequant+cublas")
+
+
+def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel, path=None):
     check_device(x, qweight, scales, zeros, bias)
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
@@ -427,17 +628,26 @@ def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel)
     y_dtype = x.dtype
     if M == 0 or N == 0:
         return torch.empty(*lead, N, device=x.device, dtype=y_dtype)
-    qw = qweight.contiguous()
+    if path is None:
+        path = weight_only_path(M, N, bits, x.device)
+    elif path not in PATHS or (path == "dequant+cublas" and bits != 4):
+        raise ValueError(f"path must be one of {PATHS} (dequant+cublas: int4 only), got {path!r}")
     sc = scales.contiguous()
+    if path == "dequant+cublas":
+        w = dequantize_int4(qweight, sc, zeros, group_size, x.dtype)
+        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x.dtype))
+        return y.reshape(*lead, N)
+    qw = _int4_words(qweight) if bits == 4 else qweight.contiguous()
     zs = zeros.contiguous() if zeros is not None else sc
     stride_sg = 0 if per_channel else sc.stride(1)
-    # Per-channel: any BLOCK_K works (the scale does not change along K); 128 keeps all configs.
-    gs = 128 if per_channel else group_size
-    small = M <= SMALL_M
-    kernel = _wo_small if small else _wo_large
-    # Split-K accumulates fp32 partial sums atomically into a zeroed buffer.
-    y = (torch.zeros(M, N, device=x.device, dtype=torch.float32) if small
-         else torch.empty(M, N, device=x.device, dtype=y_dtype))
+    # Per-channel: the scale does not change along K; a group wider than any BLOCK_K keeps
+    # one scale load per row and slab.
+    gs = 1024 if per_channel else group_size
+    kernel = {"gemv": _wo_decode, "gemv-splitk": _wo_splitk, "gemm": _wo_gemm}[path]
+    if path == "gemv-splitk":  # fp32 partial sums are atomically added into zeros
+        y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty(M, N, device=x.device, dtype=y_dtype)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
@@ -452,10 +662,11 @@ def _weight_only(x, qweight, scales, zeros, group_size, bias, bits, per_channel)
 
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: Optional[torch.Tensor], group_size: int = 128,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 bias: Optional[torch.Tensor] = None, path: Optional[str] = None) -> torch.Tensor:
     """Weight-only int4 linear in the lathe format (see packing.py): y = x @ W^T + bias, fp32
     accumulation, returned in x's dtype. qweight uint8 [N, K/2], scales [N, K/g], zeros uint8
-    [N, K/g] or None (symmetric, zero 8). K % group_size == 0, group_size a multiple of 16."""
+    [N, K/g] or None (symmetric, zero 8). K % group_size == 0, group_size a multiple of 16.
+    path: None picks by shape (weight_only_path); one of PATHS forces it (benchmarks, tests)."""
     K = x.shape[-1]
     N = qweight.shape[0]
     if qweight.dtype != torch.uint8 or qweight.shape != (N, K // 2) or K % 2:
@@ -467,7 +678,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"scales/zeros must be [N={N}, K/g={G}]")
     if zeros is not None and zeros.dtype != torch.uint8:
         raise TypeError(f"zeros must be uint8 codes, got {zeros.dtype}")
-    return _weight_only(x, qweight, scales, zeros, group_size, bias, bits=4, per_channel=False)
+    return _weight_only(x, qweight, scales, zeros, group_size, bias, bits=4, per_channel=False, path=path)
 
 
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
