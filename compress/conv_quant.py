@@ -37,6 +37,11 @@ def _trace(model, units, batch):
     for n, m in units:
         hooks.append(m.register_forward_pre_hook(pre(n), with_kwargs=True))
         hooks.append(m.register_forward_hook(post(n), with_kwargs=True))
+    from lathe.models.convnet import MaxPool
+
+    def passthrough(mod, args, out):  # max pooling keeps its input's producer (and int8)
+        made[out.data_ptr()] = made.get(args[0].data_ptr())
+    hooks += [m.register_forward_hook(passthrough) for m in model.modules() if isinstance(m, MaxPool)]
     x = batch["pixel_values"]
     made[x.data_ptr()] = "input"
     try:

@@ -61,6 +61,10 @@ def quantize_input(x: torch.Tensor, scale: float, zp: int) -> QAct:
     return QAct(out, C, scale, zp, bad if bad.any() else None)
 
 
+# Set by lathe.export.vision while it writes an ONNX graph: forward then emits nodes.
+GRAPH_HOOK = None
+
+
 class QConv2dInt8(nn.Module):
     """Buffers: weight int8 OHWI [N, kh, kw, C/groups], weight_scale fp32 [N] (symmetric per
     output channel), bias fp32 [N] (conv bias + folded BatchNorm). Constructor args carry the
@@ -147,6 +151,8 @@ class QConv2dInt8(nn.Module):
     def forward(self, x, residual=None):
         from lathe.models.convnet import conv_geometry
 
+        if GRAPH_HOOK is not None:
+            return GRAPH_HOOK(self, x, residual)
         if isinstance(x, torch.Tensor):
             if x.dim() != 4 or x.shape[1] != self.in_channels:
                 raise BadInput(f"int8 conv expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")

@@ -17,7 +17,11 @@ def is_vision(source) -> bool:
 def quality(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
     """top-1 agreement, mean / min cosine of the logits, NaN count."""
     cos = torch.nn.functional.cosine_similarity(ref_logits.double(), logits.double(), dim=-1)
-    return {"top1_agreement": float((ref_logits.argmax(-1) == logits.argmax(-1)).float().mean()),
+    same = ref_logits.argmax(-1) == logits.argmax(-1)
+    sure = ref_logits.softmax(-1).amax(-1) >= 0.5  # images fp32 classifies with p >= 0.5
+    return {"top1_agreement": float(same.float().mean()),
+            "top1_agreement_confident": float(same[sure].float().mean()) if sure.any() else None,
+            "confident_images": int(sure.sum()),
             "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
             "images": int(ref_logits.shape[0]), "nan": int(torch.isnan(logits).any(-1).sum())}
 

@@ -5,8 +5,9 @@ from lathe.errors import BadInput
 
 FAMILIES = {"bert": "lathe.models.bert:BertEncoder",
             "llama": "lathe.models.llama:LlamaForCausalLM",
-            "efficientnet-lite": "lathe.models.efficientnet:EfficientNetLite"}
-VISION = ("efficientnet-lite",)  # image models: pixel_values in, logits out
+            "efficientnet-lite": "lathe.models.efficientnet:EfficientNetLite",
+            "resnet": "lathe.models.resnet:ResNet"}
+VISION = ("efficientnet-lite", "resnet")  # image models: pixel_values in, logits out
 
 
 def model_class(config: dict):

@@ -59,3 +59,22 @@ class ConvBNAct(nn.Module):
         if residual is not None:
             y = y + residual
         return activate(y, self.act)
+
+
+class MaxPool(nn.Module):
+    """Max pooling that also takes lathe's int8 activations (QAct): max commutes with the
+    monotonic u8 quantization, so it runs on the codes (padding never wins: -inf for floats,
+    and codes >= 0 after ReLU's zero point 0)."""
+
+    def __init__(self, k: int, stride: int, padding: int):
+        super().__init__()
+        self.k, self.stride, self.padding = k, stride, padding
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):
+            return F.max_pool2d(x, self.k, self.stride, self.padding)
+        from dataclasses import replace
+        if x.zp != 0:  # a zero-padded border would beat negative values
+            raise ValueError("int8 max pooling needs activations with zero point 0 (after ReLU)")
+        q = F.max_pool2d(x.q.permute(0, 3, 1, 2), self.k, self.stride, self.padding)
+        return replace(x, q=q.permute(0, 2, 3, 1).contiguous())

@@ -128,6 +128,8 @@ class EfficientNetLite(nn.Module):
 
 def check_images(x, image_size: int):
     """Images the model can take: [B, 3, H, W] float, H and W >= 32 (five stride-2 stages)."""
+    if not isinstance(x, torch.Tensor):  # a symbolic activation while exporting
+        return
     if x.dim() != 4 or x.shape[1] != 3:
         raise BadInput(f"expected images [batch, 3, height, width], got shape {tuple(x.shape)}")
     if min(x.shape[-2:]) < 32:
