@@ -47,9 +47,10 @@ class EfficientNetConfig:
                     raise ValueError(f"bad stage {s}")
         except (TypeError, ValueError) as e:
             raise BadInput(f"config.json is not a valid {MODEL_TYPE} config: {e}") from None
-        if c.expand_channels is not None and len(c.expand_channels) != len(c.block_specs()):
-            raise BadInput(f"config.json: expand_channels lists {len(c.expand_channels)} blocks, "
-                           f"the stages define {len(c.block_specs())}")
+        n = sum(int(s[0]) for s in c.stages)
+        if c.expand_channels is not None and (not isinstance(c.expand_channels, list) or len(c.expand_channels) != n):
+            raise BadInput(f"config.json: expand_channels must list one width for each of the {n} blocks, "
+                           f"got {c.expand_channels!r}")
         return c
 
     def block_specs(self) -> list[tuple]:
