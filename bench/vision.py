@@ -38,18 +38,49 @@ def _ort_static(fp32_onnx: Path, out: Path, calib: torch.Tensor) -> Path:
     return out
 
 
+def _session(path):
+    """onnxruntime CPU session whose threads do not spin-wait between runs: interleaved with
+    torch and lathe on a 2-vCPU machine, spinning threads would steal the others' time."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def _size(p: Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*.safetensors"))
+
+
+RANDOM = ("resnet-18", "resnet-50")
+
+
+def random_model(name: str, work: Path) -> Path:
+    """ResNet-18/50 from transformers' ResNetConfig with random weights, as a lathe checkpoint."""
+    from transformers import ResNetConfig
+
+    from lathe.models.resnet import random_checkpoint
+
+    cfg = ResNetConfig() if name == "resnet-50" else ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2],
+                                                                  hidden_sizes=[64, 128, 256, 512])
+    out = Path(work) / name
+    if not (out / "config.json").is_file():
+        random_checkpoint(cfg.to_dict() | {"num_labels": 1000}, out)
+    return out
 
 
 def backends(target, work: Path, which, log=print) -> tuple[dict, object]:
     """name -> (callable(images) -> logits, size bytes); and the fp32 source."""
     import lathe
     from lathe import images, vision
-    from lathe.export.validate import ort_session
     from lathe.export.vision import export_fp32
     from lathe.source import open_source
 
+    if str(target) in RANDOM:  # a transformers config with random weights (speed, coverage)
+        target = random_model(str(target), work)
     tgt = open_source(target)
     src = open_source(tgt.manifest["source"]["path"]) if tgt.is_compressed else tgt
     if not vision.is_vision(src):
@@ -71,12 +102,12 @@ def backends(target, work: Path, which, log=print) -> tuple[dict, object]:
     if "onnxruntime" in which or "ort-int8" in which:
         onnx32 = export_fp32(lathe.load(src.path), work / "model-fp32.onnx", size)
         if "onnxruntime" in which:
-            s = ort_session(onnx32)
+            s = _session(onnx32)
             out["onnxruntime fp32"] = (lambda x, s=s: torch.from_numpy(s.run(None, {"pixel_values": x.numpy()})[0]),
                                        _size(onnx32))
         if "ort-int8" in which:
             q = _ort_static(onnx32, work / "model-ort-qdq.onnx", images.image_set(64, size, seed=1))
-            s = ort_session(q)
+            s = _session(q)
             out["onnxruntime int8 (static QDQ)"] = (
                 lambda x, s=s: torch.from_numpy(s.run(None, {"pixel_values": x.numpy()})[0]), _size(q))
     if "lathe" in which:

@@ -121,3 +121,4 @@ def quantize_convnet(model: nn.Module, batches: list, observer: str = "minmax", 
         model.classifier = QLinearW8A8.from_linear(model.classifier, "classifier")
         report["classifier"] = "QLinearW8A8 (per-token dynamic)"
     return report
+

@@ -213,8 +213,9 @@ def _bench(a):
     a.target = str(resolve(a.target))
     if Path(a.target).is_dir() and open_source(a.target).model_type == "llama":
         return _bench_decoder(a)
+    from lathe.bench.vision import RANDOM
     from lathe.vision import is_vision
-    if Path(a.target).is_dir() and is_vision(open_source(a.target)):
+    if a.target in RANDOM or Path(a.target).is_dir() and is_vision(open_source(a.target)):
         from lathe.bench.vision import run, table
         if a.threads:
             import torch

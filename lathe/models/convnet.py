@@ -76,5 +76,6 @@ class MaxPool(nn.Module):
         from dataclasses import replace
         if x.zp != 0:  # a zero-padded border would beat negative values
             raise ValueError("int8 max pooling needs activations with zero point 0 (after ReLU)")
-        q = F.max_pool2d(x.q.permute(0, 3, 1, 2), self.k, self.stride, self.padding)
+        # contiguous NCHW: torch 2.13 rejects a uint8 channels_last view here
+        q = F.max_pool2d(x.q.permute(0, 3, 1, 2).contiguous(), self.k, self.stride, self.padding)
         return replace(x, q=q.permute(0, 2, 3, 1).contiguous())
