@@ -135,3 +135,14 @@ def test_channel_pruning_shrinks_flops_and_reloads(tiny_dir, tmp_path):
     from lathe.models.efficientnet import EfficientNetConfig
     with pytest.raises(BadInput, match="expand_channels"):
         EfficientNetConfig.from_dict(bad)
+
+
+def test_cli_bad_checkpoint_shapes_exit_2(tiny_dir, tmp_path, capsys):
+    import shutil
+    from lathe.cli import main
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    (bad / "config.json").write_text(json.dumps(dict(TINY, stem_channels=8)))
+    assert main(["compress", str(bad), "--recipe", "int8", "-o", str(tmp_path / "o"), "--no-summary"]) == 2
+    err = capsys.readouterr().err
+    assert "shape" in err and len(err.strip().splitlines()) == 1
