@@ -47,22 +47,25 @@ def affine_params(lo: float, hi: float) -> tuple[float, int]:
 
 
 def quantize_input(x: torch.Tensor, scale: float, zp: int) -> QAct:
-    """fp32 NCHW -> QAct with the static (scale, zp); channels padded to a multiple of 4."""
+    """fp32 NCHW -> QAct with the static (scale, zp); channels padded to a multiple of 4. One
+    pass in C++ where the extension is built (the PyTorch fallback makes several)."""
+    from lathe import _ext
+
     B, C, H, W = x.shape
-    bad = ~torch.isfinite(x).reshape(B, -1).all(1)
-    x = torch.nan_to_num(x.detach().float(), nan=0.0, posinf=0.0, neginf=0.0) if bad.any() else x.float()
-    q = (torch.round(x * (1.0 / scale)) + zp).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    bad = ~torch.isfinite(x.sum((1, 2, 3)))  # a NaN/Inf anywhere makes the image's sum non-finite
     C4 = -(-C // 4) * 4
-    out = torch.full((B, H, W, C4), zp, dtype=torch.uint8) if C4 != C else None
-    if out is None:
-        out = q.contiguous()
+    ext = _ext.cpu()
+    if ext is not None and x.device.type == "cpu":
+        x = x.float().contiguous()
+        out = torch.empty(B, H, W, C4, dtype=torch.uint8)
+        ext.quantize_nchw_u8(x.data_ptr(), B, C, H, W, float(scale), int(zp), out.data_ptr(), C4,
+                             torch.get_num_threads())
     else:
+        x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0) if bad.any() else x.float()
+        q = (torch.round(x * (1.0 / scale)) + zp).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        out = torch.full((B, H, W, C4), zp, dtype=torch.uint8)
         out[..., :C] = q
     return QAct(out, C, scale, zp, bad if bad.any() else None)
-
-
-# Set by lathe.export.vision while it writes an ONNX graph: forward then emits nodes.
-GRAPH_HOOK = None
 
 
 class QConv2dInt8(nn.Module):

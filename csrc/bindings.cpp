@@ -118,6 +118,12 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     lathe::dwconv_int8_pack(ptr<const int8_t>(w), C, taps, ptr<int8_t>(packed), ptr<int32_t>(wsum));
   });
+  m.def("quantize_nchw_u8", [](uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, double scale, int zp,
+                               uintptr_t out, int64_t ldc, int nthreads) {
+    py::gil_scoped_release nogil;
+    lathe::quantize_nchw_u8(ptr<const float>(x), B, C, H, W, static_cast<float>(scale), zp, ptr<uint8_t>(out), ldc,
+                            nthreads);
+  });
   m.def(
       "conv_int8",
       [](bool depthwise, uintptr_t x, py::sequence in_shape, double x_scale, int x_zp, py::sequence geom,

@@ -115,3 +115,16 @@ def test_bad_inputs_are_named():
     with pytest.raises(BadInput, match="depthwise"):
         torch.ops.lathe.conv2d_int8(x, 8, 0.1, 0, w, ws, bias, True, *geom, None, 1.0, 0, "none", 0.0, 0,
                                     None, None)
+
+
+@pytest.mark.parametrize("C", [1, 3, 4, 17])
+def test_quantize_input_matches_torch(C, monkeypatch):
+    from lathe import _ext
+    from lathe.compress import qconv
+    x = torch.randn(2, C, 5, 7) * 3
+    x[1, 0, 2, 3] = float("nan")
+    got = qconv.quantize_input(x, 0.037, 121)
+    monkeypatch.setattr(_ext, "cpu", lambda: None)  # the PyTorch fallback
+    ref = qconv.quantize_input(x, 0.037, 121)
+    assert torch.equal(got.q, ref.q) and got.q.shape[-1] % 4 == 0
+    assert got.bad.tolist() == [False, True]

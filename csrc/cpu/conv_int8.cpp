@@ -433,4 +433,26 @@ void dwconv_int8(const ConvArgs& a) {
   }
 }
 
+void quantize_nchw_u8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, float scale, int32_t zp,
+                      uint8_t* out, int64_t ldc, int nthreads) {
+  check(x && out, "quantize_nchw_u8: null pointer");
+  check(B >= 0 && C > 0 && H > 0 && W > 0 && ldc >= C, "quantize_nchw_u8: bad shape");
+  check(scale > 0 && zp >= 0 && zp <= 255, "quantize_nchw_u8: bad scale or zero point");
+  const float inv = 1.f / scale, fz = static_cast<float>(zp);
+#pragma omp parallel for num_threads(std::max(1, nthreads)) schedule(static) if (B * H > 1)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    uint8_t* o = out + bh * W * ldc;
+    for (int64_t c = 0; c < C; ++c) {
+      const float* xr = x + ((b * C + c) * H + h) * W;
+      for (int64_t w = 0; w < W; ++w) {
+        const float v = std::nearbyint(xr[w] * inv) + fz;
+        o[w * ldc + c] = v == v ? static_cast<uint8_t>(std::min(255.f, std::max(0.f, v))) : static_cast<uint8_t>(zp);
+      }
+    }
+    for (int64_t w = 0; w < W; ++w)
+      for (int64_t c = C; c < ldc; ++c) o[w * ldc + c] = static_cast<uint8_t>(zp);
+  }
+}
+
 }  // namespace lathe

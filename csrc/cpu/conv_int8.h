@@ -52,4 +52,9 @@ int64_t dwconv_int8_packed_bytes(int64_t C, int64_t taps);
 void dwconv_int8_pack(const int8_t* w, int64_t C, int64_t taps, int8_t* packed, int32_t* wsum);
 void dwconv_int8(const ConvArgs& a);
 
+// fp32 NCHW images -> u8 NHWC codes [B, H, W, ldc] in one pass (q = clamp(round(x / scale) + zp);
+// NaN -> zp, the caller marks those images); channels C..ldc get zp.
+void quantize_nchw_u8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, float scale, int32_t zp,
+                      uint8_t* out, int64_t ldc, int nthreads);
+
 }  // namespace lathe
