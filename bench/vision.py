@@ -194,3 +194,32 @@ def main(argv=None) -> int:
             with atomic_file(Path(path)) as t:
                 t.write_text(text)
     return 0
+
+
+def paired(a_dir, b_dir, batch: int = 32, rounds: int = 5, n_quality: int = 64) -> dict:
+    """Latency ratio a/b (> 1: b faster) of two lathe CNN checkpoints timed alternately, and
+    each one's quality against the fp32 source of a (e.g. unpruned int8 vs pruned int8)."""
+    import lathe
+    from lathe import images, vision
+    from lathe.source import open_source
+
+    A, B = open_source(a_dir), open_source(b_dir)
+    src = open_source(A.manifest["source"]["path"]) if A.is_compressed else A
+    a, b, ref = lathe.load(A.path), lathe.load(B.path), lathe.load(src.path)
+    x = images.image_set(batch, vision.image_size(src), seed=3)
+    ta, tb = [], []
+    with torch.inference_mode():
+        a(x), b(x)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            a(x)
+            t1 = time.perf_counter()
+            b(x)
+            ta.append(t1 - t0)
+            tb.append(time.perf_counter() - t1)
+    xq = images.image_set(n_quality, vision.image_size(src))
+    r = vision.logits(ref, xq)
+    return {"a": str(a_dir), "b": str(b_dir), "batch": batch, "rounds": rounds,
+            "a_p50_ms": 1e3 * statistics.median(ta), "b_p50_ms": 1e3 * statistics.median(tb),
+            "speedup_b_over_a": statistics.median(x_ / y for x_, y in zip(ta, tb)),
+            "quality_a": vision.quality(r, vision.logits(a, xq)), "quality_b": vision.quality(r, vision.logits(b, xq))}
