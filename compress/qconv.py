@@ -68,6 +68,10 @@ def quantize_input(x: torch.Tensor, scale: float, zp: int) -> QAct:
     return QAct(out, C, scale, zp, bad if bad.any() else None)
 
 
+# Set by lathe.export.vision while it writes an ONNX graph: forward then emits nodes.
+GRAPH_HOOK = None
+
+
 class QConv2dInt8(nn.Module):
     """Buffers: weight int8 OHWI [N, kh, kw, C/groups], weight_scale fp32 [N] (symmetric per
     output channel), bias fp32 [N] (conv bias + folded BatchNorm). Constructor args carry the

@@ -221,7 +221,8 @@ def _bench(a):
             import torch
             torch.set_num_threads(a.threads)
         doc = run(a.target, Path(a.out), tuple(a.backend.split(",")) if a.backend else
-                  ("torch", "onnxruntime", "ort-int8", "lathe"), a.batch, max(3, a.min_runs // 10))
+                  ("torch", "onnxruntime", "ort-int8", "lathe"), a.batch, max(3, a.min_runs // 10),
+                  n_quality=16 if a.target in RANDOM else 128)  # random weights: quality says little
         if a.json:
             from lathe.compress.checkpoint import atomic_file
             with atomic_file(Path(a.json)) as tmp:
