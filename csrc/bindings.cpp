@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/attention.h"
+#include "cpu/conv_int8.h"
 #include "cpu/int8_gemm.h"
 #include "cpu/int8_gemm_amx.h"
 #include "cpu/int4_gemm.h"
@@ -114,6 +115,52 @@ PYBIND11_MODULE(_C, m) {
           lathe::w8a16_linear(ptr<const void>(x), dtype, M, K, ldx, ptr<const uint8_t>(packed), N, g,
                               ptr<const float>(bias), ptr<void>(out), ldo, nthreads);
         });
+
+  // int8 convolutions on NHWC u8 activations (csrc/cpu/conv_int8.h)
+  m.def("conv2d_int8_packed_bytes", &lathe::conv2d_int8_packed_bytes);
+  m.def("conv2d_int8_wsum_len", &lathe::conv2d_int8_wsum_len);
+  m.def("conv2d_int8_pack", [](uintptr_t w, int64_t N, int64_t kh, int64_t kw, int64_t C, uintptr_t packed,
+                               uintptr_t wsum) {
+    py::gil_scoped_release nogil;
+    lathe::conv2d_int8_pack(ptr<const int8_t>(w), N, kh, kw, C, ptr<int8_t>(packed), ptr<int32_t>(wsum));
+  });
+  m.def("dwconv_int8_packed_bytes", &lathe::dwconv_int8_packed_bytes);
+  m.def("dwconv_int8_pack", [](uintptr_t w, int64_t C, int64_t taps, uintptr_t packed, uintptr_t wsum) {
+    py::gil_scoped_release nogil;
+    lathe::dwconv_int8_pack(ptr<const int8_t>(w), C, taps, ptr<int8_t>(packed), ptr<int32_t>(wsum));
+  });
+  m.def("quantize_nchw_u8", [](uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, double scale, int zp,
+                               uintptr_t out, int64_t ldc, int nthreads) {
+    py::gil_scoped_release nogil;
+    lathe::quantize_nchw_u8(ptr<const float>(x), B, C, H, W, static_cast<float>(scale), zp, ptr<uint8_t>(out), ldc,
+                            nthreads);
+  });
+  m.def(
+      "conv_int8",
+      [](bool depthwise, uintptr_t x, py::sequence in_shape, double x_scale, int x_zp, py::sequence geom,
+         uintptr_t packed, uintptr_t wsum, uintptr_t w_scale, uintptr_t bias, int64_t N, uintptr_t res,
+         int64_t ld_res, double res_scale, int res_zp, int act, bool out_u8, double out_scale, int out_zp,
+         uintptr_t out, int64_t ldo, int nthreads) {
+        check(py::len(in_shape) == 5, "conv_int8: in_shape is (B, H, W, C, ldc)");
+        check(py::len(geom) == 7, "conv_int8: geom is (kh, kw, stride, pad_t, pad_l, OH, OW)");
+        lathe::ConvArgs a;
+        a.x = ptr<const uint8_t>(x);
+        a.B = in_shape[0].cast<int64_t>(), a.H = in_shape[1].cast<int64_t>(), a.W = in_shape[2].cast<int64_t>();
+        a.C = in_shape[3].cast<int64_t>(), a.ldc = in_shape[4].cast<int64_t>();
+        a.x_scale = static_cast<float>(x_scale), a.x_zp = x_zp;
+        a.kh = geom[0].cast<int64_t>(), a.kw = geom[1].cast<int64_t>(), a.stride = geom[2].cast<int64_t>();
+        a.pad_t = geom[3].cast<int64_t>(), a.pad_l = geom[4].cast<int64_t>();
+        a.OH = geom[5].cast<int64_t>(), a.OW = geom[6].cast<int64_t>();
+        a.packed = ptr<const int8_t>(packed), a.wsum = ptr<const int32_t>(wsum);
+        a.w_scale = ptr<const float>(w_scale), a.bias = ptr<const float>(bias), a.N = N;
+        a.res = ptr<const uint8_t>(res), a.ld_res = ld_res, a.res_scale = static_cast<float>(res_scale);
+        a.res_zp = res_zp, a.act = act, a.out_u8 = out_u8, a.out_scale = static_cast<float>(out_scale);
+        a.out_zp = out_zp, a.out = ptr<void>(out), a.ldo = ldo, a.nthreads = nthreads;
+        py::gil_scoped_release nogil;
+        if (depthwise) lathe::dwconv_int8(a);
+        else lathe::conv2d_int8(a);
+      },
+      "int8 convolution on NHWC u8 activations: dense (implicit GEMM) or depthwise.");
 
   m.def(
       "attention_fwd",

@@ -24,6 +24,7 @@ CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
     "linear_w8a16": {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")},
     # no CPU FP8 units: the reference simulates it; Triton needs sm_89+ (checked by the op)
     "linear_fp8": {"cpu": ("reference", "torch"), "cuda": ("torch", "triton", "reference")},
+    "conv2d_int8": {"cpu": ("cpu", "reference"), "cuda": ("reference",)},
     "attention": {"cpu": ("cpu", "sdpa", "reference"), "cuda": ("triton", "sdpa", "reference")},
 }
 

@@ -151,6 +151,21 @@ def _export(a):
                                     a.workspace_gb, a.timing_cache, a.opset, validate=not a.no_validate)
         print(f"wrote {out}")
         return 0
+    from lathe.source import open_source
+    from lathe.vision import is_vision
+    if is_vision(open_source(a.src)):  # CNNs: fp32 ONNX, or QDQ written from lathe's int8 model
+        from lathe.export.vision import export as export_vision
+        out, report = export_vision(a.src, a.out, a.target, validate_=not a.no_validate)
+        print(f"validation: {report}" if report else "validation skipped")
+        print(f"wrote {out}")
+        if a.lint == "tensorrt":
+            from lathe.errors import ValidationFailed
+            from lathe.export.trt_lint import lint
+            findings = lint(out, None)
+            print(findings.summary())
+            if findings.errors:
+                raise ValidationFailed(f"TensorRT lint: {len(findings.errors)} error(s) in {out}")
+        return 0
     from lathe.export.onnx import export_onnx
 
     out, report = export_onnx(a.src, a.out, a.target, a.opset, validate=not a.no_validate,
@@ -197,10 +212,28 @@ def _bench(a):
     from lathe import benchflow
     from lathe.source import open_source
 
+    from lathe.source import resolve
+    a.target = str(resolve(a.target))
     if a.device != "cpu":  # the GPU benchmark: torch fp16 against lathe (lathe.bench.gpu)
         return _bench_gpu(a)
     if Path(a.target).is_dir() and open_source(a.target).model_type == "llama":
         return _bench_decoder(a)
+    from lathe.bench.vision import RANDOM
+    from lathe.vision import is_vision
+    if a.target in RANDOM or Path(a.target).is_dir() and is_vision(open_source(a.target)):
+        from lathe.bench.vision import run, table
+        if a.threads:
+            import torch
+            torch.set_num_threads(a.threads)
+        doc = run(a.target, Path(a.out), tuple(a.backend.split(",")) if a.backend else
+                  ("torch", "onnxruntime", "ort-int8", "lathe"), a.batch, max(3, a.min_runs // 10),
+                  n_quality=16 if a.target in RANDOM else 128)  # random weights: quality says little
+        if a.json:
+            from lathe.compress.checkpoint import atomic_file
+            with atomic_file(Path(a.json)) as tmp:
+                tmp.write_text(json.dumps(doc, indent=2))
+        print(table(doc))
+        return 0
     backends = tuple(a.backend.split(",")) if a.backend else benchflow.DEFAULT
     doc = benchflow.run(a.target, Path(a.out), backends, a.batch, a.seq, a.min_runs, a.min_seconds,
                         isolate=a.isolate, threads=a.threads, model_dir=a.model_dir, device=a.device)

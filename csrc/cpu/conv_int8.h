@@ -1,0 +1,60 @@
+// int8 convolutions on NHWC u8 activations with static per-tensor (scale, zero point)
+// quantization and symmetric per-output-channel int8 weights (BatchNorm folded in).
+//
+// Activations: u8 [B, H, W, ldc] (ldc >= C, ldc % 4 == 0; real value = (q - zp) * scale).
+// Epilogue: y = acc * x_scale * w_scale[n] + bias[n] (+ (res - res_zp) * res_scale), then
+// act (0 none, 1 relu, 2 relu6), then either fp32 out or requantized u8 out
+// (q = clamp(round_half_even(y / out_scale) + out_zp, 0, 255)): int8 stays between layers.
+//
+// conv2d_int8: dense convolutions (groups = 1) as an implicit GEMM over K = taps * C4
+// (C4 = C rounded up to 4) on the int8_gemm packed weight layout: 1x1 stride 1 is exactly
+// lathe's int8 GEMM; k x k reads its rows through per-pixel tap pointers (no im2col buffer).
+// dwconv_int8: depthwise k x k (groups = C), its own layout: 4 taps of 64 channels per
+// VPDPBUSD group (AVX-512 VNNI), widened int32 multiply-adds on AVX2, plain loops on scalar.
+#pragma once
+#include <cstdint>
+
+namespace lathe {
+
+struct ConvArgs {
+  const uint8_t* x = nullptr;
+  int64_t B = 0, H = 0, W = 0, C = 0, ldc = 0;
+  float x_scale = 1.f;
+  int32_t x_zp = 0;
+  int64_t kh = 1, kw = 1, stride = 1, pad_t = 0, pad_l = 0, OH = 0, OW = 0;
+  const int8_t* packed = nullptr;   // conv2d: int8_gemm layout over K; dwconv: dw layout
+  const int32_t* wsum = nullptr;    // per output channel sum of the weight codes
+  const float* w_scale = nullptr;   // [N]
+  const float* bias = nullptr;      // [N] or null
+  int64_t N = 0;                    // output channels
+  const uint8_t* res = nullptr;     // u8 [B, OH, OW, ld_res] or null (conv2d only)
+  int64_t ld_res = 0;
+  float res_scale = 1.f;
+  int32_t res_zp = 0;
+  int act = 0;
+  int out_u8 = 0;
+  float out_scale = 1.f;
+  int32_t out_zp = 0;
+  void* out = nullptr;              // u8 or fp32 [B, OH, OW, ldo]
+  int64_t ldo = 0;
+  int nthreads = 1;
+};
+
+// Dense weights int8 OHWI [N, kh, kw, C] -> int8_gemm layout over K = kh * kw * C4.
+int64_t conv2d_int8_packed_bytes(int64_t N, int64_t kh, int64_t kw, int64_t C);
+int64_t conv2d_int8_wsum_len(int64_t N);
+void conv2d_int8_pack(const int8_t* w, int64_t N, int64_t kh, int64_t kw, int64_t C,
+                      int8_t* packed, int32_t* wsum);
+void conv2d_int8(const ConvArgs& a);
+
+// Depthwise weights int8 [C, kh * kw] -> the dw layout (VNNI blocks, then a plain [taps][C64]).
+int64_t dwconv_int8_packed_bytes(int64_t C, int64_t taps);
+void dwconv_int8_pack(const int8_t* w, int64_t C, int64_t taps, int8_t* packed, int32_t* wsum);
+void dwconv_int8(const ConvArgs& a);
+
+// fp32 NCHW images -> u8 NHWC codes [B, H, W, ldc] in one pass (q = clamp(round(x / scale) + zp);
+// NaN -> zp, the caller marks those images); channels C..ldc get zp.
+void quantize_nchw_u8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, float scale, int32_t zp,
+                      uint8_t* out, int64_t ldc, int nthreads);
+
+}  // namespace lathe

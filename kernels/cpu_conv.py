@@ -1,0 +1,48 @@
+"""Thin wrappers over lathe._C's int8 convolutions (csrc/cpu/conv_int8.h): weight packing
+and the call with pointers, shapes and strides. Threads follow torch.get_num_threads()."""
+from __future__ import annotations
+
+import torch
+
+from lathe import _ext
+
+ACTS = {"none": 0, "relu": 1, "relu6": 2}
+
+
+def pack(w_q: torch.Tensor, depthwise: bool):
+    """int8 OHWI weight [N, kh, kw, C] (depthwise: C = 1) -> (packed int8, wsum int32)."""
+    C_ = _ext.require_cpu()
+    w_q = w_q.contiguous()
+    N, kh, kw, C = w_q.shape
+    if depthwise:
+        packed = torch.empty(C_.dwconv_int8_packed_bytes(N, kh * kw), dtype=torch.int8)
+        wsum = torch.empty(-(-N // 64) * 64, dtype=torch.int32)
+        C_.dwconv_int8_pack(w_q.data_ptr(), N, kh * kw, packed.data_ptr(), wsum.data_ptr())
+    else:
+        packed = torch.empty(C_.conv2d_int8_packed_bytes(N, kh, kw, C), dtype=torch.int8)
+        wsum = torch.empty(C_.conv2d_int8_wsum_len(N), dtype=torch.int32)
+        C_.conv2d_int8_pack(w_q.data_ptr(), N, kh, kw, C, packed.data_ptr(), wsum.data_ptr())
+    return packed, wsum
+
+
+def conv(x, C: int, x_scale: float, x_zp: int, w_shape, packed, wsum, w_scale, bias, geom,
+         depthwise: bool, residual, res_scale: float, res_zp: int, act: str, out_scale: float,
+         out_zp: int):
+    """x u8 [B, H, W, ldc]; geom (stride, pad_t, pad_l, OH, OW). Returns u8 [B, OH, OW, N4]
+    (out_scale > 0) or fp32 [B, OH, OW, N]."""
+    C_ = _ext.require_cpu()
+    B, H, W, ldc = x.shape
+    N, kh, kw, _ = w_shape
+    stride, pad_t, pad_l, OH, OW = geom
+    if out_scale > 0:
+        out = torch.empty(B, OH, OW, -(-N // 4) * 4, dtype=torch.uint8)
+    else:
+        out = torch.empty(B, OH, OW, N, dtype=torch.float32)
+    C_.conv_int8(depthwise, x.data_ptr(), (B, H, W, C, ldc), float(x_scale), int(x_zp),
+                 (kh, kw, stride, pad_t, pad_l, OH, OW), packed.data_ptr(), wsum.data_ptr(),
+                 w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(), N,
+                 0 if residual is None else residual.data_ptr(),
+                 0 if residual is None else residual.shape[-1], float(res_scale), int(res_zp),
+                 ACTS[act], out_scale > 0, float(out_scale) if out_scale > 0 else 1.0, int(out_zp),
+                 out.data_ptr(), out.shape[-1], torch.get_num_threads())
+    return out
