@@ -5,11 +5,12 @@
 // The SIMD body is written once against a small set of vector ops and compiled twice, inside
 // `#pragma GCC target` regions (no -march flags: the dispatcher picks at run time).
 //
-// Scores are raw q.k dot products; the softmax applies the scale with one FMA, x = s * scale - m
-// (one rounding, where the reference rounds s * scale and then s - max), and exp uses a
-// Cody-Waite reduction (no eps * |x| error from a multiplication by log2(e)). A key tile that
-// is entirely padding (or entirely above the causal diagonal) is skipped; a query row with no
-// visible key ends with l = 0 and outputs 0.
+// Scores are raw q.k dot products; the softmax rounds s * scale and subtracts the row max, as
+// the reference does (the top score gives exactly e^0 = 1, whatever the magnitude), and exp is
+// vec_math.h's (Cody-Waite reduction: no eps * |x| error from a multiplication by log2(e)). A key
+// tile that is entirely padding (or entirely above the causal diagonal) is skipped; a query row
+// with no visible key ends with l = 0 and outputs 0. A NaN among a row's visible inputs, or a
+// score that overflows, gives NaN in that row (never zeros), on every body.
 #include "cpu/attention.h"
 
 // GCC 12 reports the _mm512_undefined_* placeholders inside the intrinsics headers as
@@ -29,6 +30,7 @@
 
 #include "cpu/bf16.h"
 #include "cpu/isa.h"
+#include "cpu/vec_math.h"
 
 namespace lathe {
 namespace attn {
@@ -154,26 +156,9 @@ inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline float vhmax(V x) { return _mm512_reduce_max_ps(x); }
 inline float vhsum(V x) { return _mm512_reduce_add_ps(x); }
 
-// e^x with a Cody-Waite reduction: n = round(x log2 e), r = x - n ln2 (two FMAs, exact to
-// ~2^-35), e^r by a degree-6 minimax-fitted polynomial on |r| <= ln2/2 (1 + r + r^2 q(r),
-// relative error < 4e-9 before rounding).
-// x < -87.3 (and -inf, NaN) gives exactly 0, never a denormal. For x <= 0 only (softmax
-// arguments): no upper clamp; lanes outside the range compute garbage that the mask drops.
-inline V vexp(V x) {
-  const __mmask16 ok = _mm512_cmp_ps_mask(x, vset1(-87.3f), _CMP_GE_OQ);
-  const V n = _mm512_roundscale_ps(vmul(x, vset1(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  V r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-  V p = vset1(1.3753952791e-3f);
-  p = vfma(p, r, vset1(8.3689104519e-3f));
-  p = vfma(p, r, vset1(4.1669487155e-2f));
-  p = vfma(p, r, vset1(1.6666518524e-1f));
-  p = vfma(p, r, vset1(4.9999988789e-1f));
-  p = vfma(p, r, vset1(1.f));
-  p = vfma(p, r, vset1(1.f));
-  return _mm512_maskz_scalef_ps(ok, p, n);
-}
+// e^x: the one vector exp of lathe (vec_math.h). NaN stays NaN (a NaN score makes its row NaN),
+// x < -87.3 (and -inf: masked keys) gives exactly 0.
+inline V vexp(V x) { return exp_avx512(x); }
 
 inline V vsafe(V m) {  // a running max of -inf (nothing seen yet) is used as 0
   return _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(m, vset1(kNegInf), _CMP_EQ_OQ), vzero());
@@ -315,23 +300,7 @@ inline float vhsum(V x) {
   return _mm_cvtss_f32(s);
 }
 
-inline V vexp(V x) {  // as the AVX-512 one (x <= 0); 2^n is built in the exponent field
-  const V ok = _mm256_cmp_ps(x, vset1(-87.3f), _CMP_GE_OQ);
-  const V n = _mm256_round_ps(vmul(x, vset1(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  V r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-  V p = vset1(1.3753952791e-3f);
-  p = vfma(p, r, vset1(8.3689104519e-3f));
-  p = vfma(p, r, vset1(4.1669487155e-2f));
-  p = vfma(p, r, vset1(1.6666518524e-1f));
-  p = vfma(p, r, vset1(4.9999988789e-1f));
-  p = vfma(p, r, vset1(1.f));
-  p = vfma(p, r, vset1(1.f));
-  // n in [-126, 0] on the lanes kept: 2^n is a normal float
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), ok);
-}
+inline V vexp(V x) { return exp_avx2(x); }  // vec_math.h, as the AVX-512 one
 
 inline V vsafe(V m) { return _mm256_blendv_ps(m, vzero(), _mm256_cmp_ps(m, vset1(kNegInf), _CMP_EQ_OQ)); }
 inline V vmul_f64(V o, double s) {
@@ -443,6 +412,7 @@ void run_scalar(const Prob& P, int nthreads) {
     const uint8_t* mrow = P.mask ? P.mask + b * P.msb : nullptr;
     const double ninf = -std::numeric_limits<double>::infinity();
     double m = ninf, l = 0.0;
+    bool nan_score = false;
     for (int64_t j0 = 0; j0 < kend; j0 += kScalarTile) {
       const int nk = static_cast<int>(std::min<int64_t>(kScalarTile, kend - j0));
       double mx = ninf;
@@ -456,6 +426,7 @@ void run_scalar(const Prob& P, int nthreads) {
         double acc = 0.0;
         for (int64_t d = 0; d < P.D; ++d) acc += q[d] * load_elem(P, P.k, koff + d);
         s[jj] = acc;
+        nan_score |= acc != acc;  // std::max drops NaN: remember it (the row is NaN)
         mx = std::max(mx, acc);
       }
       const double mn = std::max(m, mx);
@@ -473,7 +444,9 @@ void run_scalar(const Prob& P, int nthreads) {
       m = mn;
     }
     const int64_t ooff = b * P.so[0] + h * P.so[1] + i * P.so[2];
-    for (int64_t d = 0; d < P.D; ++d) store_elem(P, ooff + d, l > 0.0 ? static_cast<float>(o[d] / l) : 0.f);
+    const float qnan = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t d = 0; d < P.D; ++d)
+      store_elem(P, ooff + d, nan_score ? qnan : l != 0.0 ? static_cast<float>(o[d] / l) : 0.f);
   }
 }
 
@@ -515,8 +488,12 @@ void combine(const Prob& P, const Plan& L, int nthreads) {
     for (int lane = 0; lane < nr; ++lane) {
       const RowPos rp = row_pos(P, b, g, r0 + lane);
       float M = kNegInf;
-      for (int64_t s = 0; s < L.nsplit; ++s)
-        M = std::max(M, L.part_ml[((u * L.nsplit + s) * L.RB + lane) * 2]);
+      bool nan_part = false;  // std::max drops NaN: a NaN partial max or sum makes the row NaN
+      for (int64_t s = 0; s < L.nsplit; ++s) {
+        const float* ml = L.part_ml + ((u * L.nsplit + s) * L.RB + lane) * 2;
+        nan_part |= ml[0] != ml[0] || ml[1] != ml[1];
+        M = std::max(M, ml[0]);
+      }
       std::fill(acc, acc + P.D, 0.f);
       float lsum = 0.f;
       if (M != kNegInf) {
@@ -529,7 +506,9 @@ void combine(const Prob& P, const Plan& L, int nthreads) {
           for (int64_t d = 0; d < P.D; ++d) acc[d] += w * os[d];
         }
       }
-      for (int64_t d = 0; d < P.D; ++d) store_elem(P, rp.ooff + d, lsum > 0.f ? acc[d] / lsum : 0.f);
+      const float qnan = std::numeric_limits<float>::quiet_NaN();
+      for (int64_t d = 0; d < P.D; ++d)
+        store_elem(P, rp.ooff + d, nan_part ? qnan : lsum != 0.f ? acc[d] / lsum : 0.f);
     }
   }
 }
