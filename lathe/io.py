@@ -252,6 +252,18 @@ def check_output(out, kind: str, sources=(), force: bool = False, is_dir: bool =
     return out
 
 
+def check_report_dir(out: Path) -> Path:
+    """bench/demo write report.{json,md,csv,png} (and demo its checkpoint) into a folder: never
+    onto a file, never over a report.json lathe did not write. Missing parents are made."""
+    if str(out) in ("", ".", "..") or out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise BadInput(f"refusing to write reports into {out}: name a new folder (e.g. lathe-bench-out)")
+    check_output(out, "report-dir", force=True, is_dir=True)  # a file there, or unwritable parents
+    rj = out / "report.json"
+    if rj.exists() and kind_of(rj) != "json":
+        raise BadInput(f"refusing to overwrite {rj}: it is not a lathe bench report")
+    return out
+
+
 # ----------------------------------------------------------------------------- recovery and lock
 
 
