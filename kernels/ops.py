@@ -204,7 +204,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: Optional[torch.Tensor], causal: bool,
               scale: Optional[float]) -> torch.Tensor:
     """Softmax attention. q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D]; key_padding_mask bool [B, Sk]
-    (True = real key). Rows with no real key give zeros."""
+    (True = real key). Rows with no real key give zeros; a NaN among a row's visible inputs,
+    or a score that overflows, gives NaN in that row (never zeros)."""
     backend = backend_for("attention", q.device)
     if backend == "triton":
         from lathe.kernels.gpu import triton_attention

@@ -198,6 +198,10 @@ def _bench(a):
     from lathe import benchflow
     from lathe.source import open_source
 
+    if a.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise BadInput("bench --device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
     if Path(a.target).is_dir() and open_source(a.target).model_type == "llama":
         if a.device != "cpu":
             raise BadInput("bench --device cuda: decoder benchmarks run on the CPU only; "
@@ -331,13 +335,17 @@ def _interrupted() -> int:
 
 
 def main(argv=None) -> int:
+    from lathe import io
+
+    io.completed.clear()
     try:
         return _main(argv)
     finally:
         import signal
         import threading
-        if threading.current_thread() is threading.main_thread():
-            # the run is over: a Ctrl-C now must not turn a finished run into exit -2
+        if argv is None and threading.current_thread() is threading.main_thread():
+            # run as the program, and the run is over: a Ctrl-C during interpreter shutdown
+            # must not turn a finished run into exit -2 (callers passing argv keep their handler)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -247,8 +247,9 @@ def check_output(out, kind: str, sources=(), force: bool = False, is_dir: bool =
         have = kind_of(out)
         if have != kind and not force:
             what = "folder" if out.is_dir() else "file"
+            hint = " (pass --force to replace it)" if kind not in ("json", "report-dir") else ""
             raise BadInput(f"refusing to overwrite {out}: an existing {what} that is not a lathe "
-                           f"{kind} output (pass --force to replace it)")
+                           f"{kind} output{hint}")
     return out
 
 

@@ -92,6 +92,19 @@ struct RowPos {
   int64_t qoff, ooff, lim;
 };
 
+// Whether a row (batch b, last visible key lim) sees any key. A row that does but ends with
+// l == 0 had every score at -inf (an overflow, or -inf inputs): that is NaN, as the reference's
+// softmax gives, not a row without keys (zeros). Only called on that rare path.
+inline bool sees_a_key(const Prob& P, int64_t b, int64_t lim) {
+  const int64_t end = std::min(P.Sk, lim + 1);
+  if (end <= 0) return false;
+  if (!P.mask) return true;
+  const uint8_t* m = P.mask + b * P.msb;
+  for (int64_t j = 0; j < end; ++j)
+    if (m[j]) return true;
+  return false;
+}
+
 inline RowPos row_pos(const Prob& P, int64_t b, int64_t g, int64_t r) {
   const int64_t h = g * P.rep + r / P.Sq, i = r % P.Sq;
   RowPos p;
@@ -391,6 +404,11 @@ namespace {
 
 // ============================================================================ scalar body
 constexpr int kScalarTile = 64;
+constexpr double kF32Max = std::numeric_limits<float>::max();
+
+inline double f32_range(double x) {  // beyond fp32's range: +-Inf, as an fp32 result would be
+  return std::fabs(x) > kF32Max ? std::copysign(std::numeric_limits<double>::infinity(), x) : x;
+}
 
 void run_scalar(const Prob& P, int nthreads) {
   const int64_t total = P.B * P.Hq * P.Sq;
@@ -404,7 +422,7 @@ void run_scalar(const Prob& P, int nthreads) {
     const int64_t qoff = b * P.sq[0] + h * P.sq[1] + i * P.sq[2];
     const double scale = static_cast<double>(P.qscale) * P.sscale;
     for (int64_t d = 0; d < P.D; ++d) {
-      q[d] = load_elem(P, P.q, qoff + d) * scale;
+      q[d] = load_elem(P, P.q, qoff + d);  // the scale comes after the dot, as in fp32
       o[d] = 0.0;
     }
     const int64_t lim = P.causal ? i + P.Sk - P.Sq : P.Sk - 1;
@@ -412,7 +430,7 @@ void run_scalar(const Prob& P, int nthreads) {
     const uint8_t* mrow = P.mask ? P.mask + b * P.msb : nullptr;
     const double ninf = -std::numeric_limits<double>::infinity();
     double m = ninf, l = 0.0;
-    bool nan_score = false;
+    bool nan_score = false, seen = false;
     for (int64_t j0 = 0; j0 < kend; j0 += kScalarTile) {
       const int nk = static_cast<int>(std::min<int64_t>(kScalarTile, kend - j0));
       double mx = ninf;
@@ -422,9 +440,21 @@ void run_scalar(const Prob& P, int nthreads) {
           s[jj] = ninf;
           continue;
         }
+        seen = true;
         const int64_t koff = b * P.sk[0] + g * P.sk[1] + j * P.sk[2];
         double acc = 0.0;
-        for (int64_t d = 0; d < P.D; ++d) acc += q[d] * load_elem(P, P.k, koff + d);
+        bool pinf = false, minf = false;
+        for (int64_t d = 0; d < P.D; ++d) {
+          const double t = q[d] * load_elem(P, P.k, koff + d);
+          pinf |= t > kF32Max;
+          minf |= t < -kF32Max;
+          acc += t;
+        }
+        // Scores as fp32 holds them (the other bodies and the reference compute in fp32): a
+        // product or a sum beyond its range is +-Inf (both signs: NaN), never a finite double.
+        if (acc == acc && (pinf || minf)) acc = pinf && minf ? std::numeric_limits<double>::quiet_NaN()
+                                                             : pinf ? -ninf : ninf;
+        acc = f32_range(f32_range(acc) * scale);
         s[jj] = acc;
         nan_score |= acc != acc;  // std::max drops NaN: remember it (the row is NaN)
         mx = std::max(mx, acc);
@@ -446,7 +476,7 @@ void run_scalar(const Prob& P, int nthreads) {
     const int64_t ooff = b * P.so[0] + h * P.so[1] + i * P.so[2];
     const float qnan = std::numeric_limits<float>::quiet_NaN();
     for (int64_t d = 0; d < P.D; ++d)
-      store_elem(P, ooff + d, nan_score ? qnan : l != 0.0 ? static_cast<float>(o[d] / l) : 0.f);
+      store_elem(P, ooff + d, nan_score || (l == 0.0 && seen) ? qnan : l != 0.0 ? static_cast<float>(o[d] / l) : 0.f);
   }
 }
 
@@ -508,7 +538,8 @@ void combine(const Prob& P, const Plan& L, int nthreads) {
       }
       const float qnan = std::numeric_limits<float>::quiet_NaN();
       for (int64_t d = 0; d < P.D; ++d)
-        store_elem(P, rp.ooff + d, nan_part ? qnan : lsum != 0.f ? acc[d] / lsum : 0.f);
+        store_elem(P, rp.ooff + d, nan_part || (lsum == 0.f && sees_a_key(P, b, rp.lim)) ? qnan
+                                   : lsum != 0.f ? acc[d] / lsum : 0.f);
     }
   }
 }
