@@ -95,7 +95,11 @@ def atomic_dir(out):
     try:
         yield tmp
         for f in tmp.rglob("*"):
-            if f.is_file() and not f.is_symlink():
+            if f.is_symlink():
+                continue
+            # the umask's permissions for everything (safetensors writes 0600 files)
+            _chmod_default(f, f.is_dir())
+            if f.is_file():
                 _fsync_path(f, False)
         _fsync_path(tmp, True)
         old = None
