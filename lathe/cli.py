@@ -157,7 +157,7 @@ def _export(a):
     if a.to == "tensorrt":
         from lathe.export.tensorrt import export_tensorrt
         out, _, _ = export_tensorrt(a.src, a.out, a.min_shapes, a.opt_shapes, a.max_shapes, a.fp16,
-                                    a.workspace_gb, a.timing_cache, a.opset or 18, validate=not a.no_validate,
+                                    a.workspace_gb, a.timing_cache, a.opset, validate=not a.no_validate,
                                     force=a.force)
         print(f"wrote {out}")
         return 0

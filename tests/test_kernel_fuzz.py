@@ -6,8 +6,6 @@ element (NaN where it has NaN, +-Inf where it has +-Inf), and the finite element
 the rounding bound of the computation (see each test). Huge finite values are 1e30: far from
 float32 overflow, so that summation order cannot decide between a finite and an infinite sum.
 """
-import math
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -282,5 +280,4 @@ def test_one_vector_exp():
 
     root = Path(__file__).resolve().parents[1] / "csrc" / "cpu"
     att = (root / "attention.cpp").read_text()
-    assert "exp_avx512(x)" in att and "exp_avx2(x)" in att and "1.3753952791e-3f" not in att
-    assert math.isfinite(1.0)
+    assert "exp_avx512(x)" in att and "exp_avx2(x)" in att and "e-3f" not in att

@@ -18,14 +18,14 @@ namespace lathe {
 #define LATHE_EXP512 __attribute__((target("avx512f,fma")))
 #define LATHE_EXP256 __attribute__((target("avx2,fma")))
 
+// e^r = 1 + r + r^2 q(r) on |r| <= ln2/2, Horner coefficients from the highest degree
+constexpr float kExpPoly[7] = {1.3753952791e-3f, 8.3689104519e-3f, 4.1669487155e-2f, 1.6666518524e-1f,
+                               4.9999988789e-1f, 1.f, 1.f};
+
 LATHE_EXP512 inline __m512 exp_poly_avx512(__m512 r) {
-  __m512 p = _mm512_set1_ps(1.3753952791e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3689104519e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1669487155e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666518524e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999988789e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  return p;
 }
 
 LATHE_EXP512 inline __m512 exp_avx512(__m512 x) {
@@ -46,13 +46,8 @@ LATHE_EXP256 inline __m256 exp_avx2(__m256 x) {
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.3753952791e-3f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3689104519e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1669487155e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666518524e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.9999988789e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   // 2^n as two normal powers of two (n in [-126, 128]: one factor alone may not be normal)
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
