@@ -292,8 +292,10 @@ def user_error(e: BaseException) -> str | None:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return f"disk full: {e.strerror} ({e.filename or 'writing the output'})"
         return f"{e.strerror or name}: {e.filename}" if e.filename else f"{e.strerror or e}"
-    if isinstance(e, MemoryError):
+    if isinstance(e, MemoryError) or name == "OutOfMemoryError":  # torch's (CUDA) one too
         return "out of memory"
+    if isinstance(e, ModuleNotFoundError) and e.name and not e.name.startswith("lathe"):
+        return f"the Python package {e.name!r} is missing here: pip install it"
     if isinstance(e, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({e.reason} at byte {e.start})"
     if isinstance(e, json.JSONDecodeError):
