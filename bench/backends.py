@@ -96,7 +96,7 @@ def ort_quantize_dynamic(fp32_onnx, out_path) -> Path:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
 
     logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" warning
     with atomic_file(Path(out_path)) as tmp:

@@ -2,6 +2,8 @@
 generation length, with held-out perplexity beside speed (against the fp32 source model)."""
 from __future__ import annotations
 
+from lathe.errors import BadInput
+
 import sys
 import time
 
@@ -45,6 +47,17 @@ def measure(model, tok, batch: int, prompt_len: int, gen_len: int, min_runs: int
             "decode_tokens_per_s": batch * 1e3 / d["p50_ms"]}
 
 
+def check_lengths(config: dict, prompt_len, gen_len):
+    """A prompt and a generation of at least one token each, within the model's positions."""
+    for name, v in (("--prompt-len", prompt_len), ("--gen-len", gen_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BadInput(f"{name} must be a positive integer, got {v!r}")
+    limit = config.get("max_position_embeddings")
+    if isinstance(limit, int) and prompt_len + gen_len > limit:
+        raise BadInput(f"--prompt-len {prompt_len} + --gen-len {gen_len} exceeds the model's "
+                       f"max_position_embeddings ({limit})")
+
+
 def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs: int = 20,
         min_seconds: float = 2.0, max_seconds: float | None = 30.0, log=print) -> dict:
     import lathe
@@ -53,6 +66,7 @@ def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs
     from lathe.source import open_source
 
     tgt = open_source(target)
+    check_lengths(tgt.config, prompt_len, gen_len)
     src = open_source(tgt.manifest["source"]["path"]) if tgt.is_compressed else tgt
     tok = as_tokenizers(src.path)
     texts = heldout_texts(16)

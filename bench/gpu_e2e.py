@@ -202,7 +202,7 @@ def markdown(doc) -> str:
 
 
 def write(doc, out: Path, dev) -> tuple[Path, Path]:
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
 
     name = "cpu-dry-run" if doc["dry_run"] else doc["device"].lower().replace("nvidia ", "").replace(" ", "-")
     out = Path(out)

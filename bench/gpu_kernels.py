@@ -236,7 +236,7 @@ def _fmt(r) -> str:
 
 
 def write(records, meta, out: Path):
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
 
     slug = meta["device_slug"]
     with atomic_file(out / f"gpu-{slug}.json") as tmp:

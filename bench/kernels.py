@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     if a.json:
         from pathlib import Path
 
-        from lathe.compress.checkpoint import atomic_file
+        from lathe.io import atomic_file
         doc = {"schema_version": 1, "kind": "kernels", "machine": describe(), "int8_peak_gops": peak, "amx_peak_gops": amx_peak,
                "records": recs, "seconds": time.perf_counter() - t0}
         with atomic_file(Path(a.json)) as tmp:

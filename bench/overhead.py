@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     print(table(rows))
     if a.json:
         from lathe.bench.machine import describe
-        from lathe.compress.checkpoint import atomic_file
+        from lathe.io import atomic_file
 
         with atomic_file(Path(a.json)) as tmp:
             tmp.write_text(json.dumps({"kind": "overhead", "machine": describe(), "rows": rows}, indent=2))

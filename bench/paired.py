@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     if args.json:
         from pathlib import Path
 
-        from lathe.compress.checkpoint import atomic_file
+        from lathe.io import atomic_file
 
         with atomic_file(Path(args.json)) as t:
             t.write_text(json.dumps(res, indent=2))

@@ -84,17 +84,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--md")
     args = ap.parse_args(argv)
-    from lathe.compress.checkpoint import atomic_file
-    from lathe.errors import BadInput
+    from lathe.io import atomic_file
     from lathe.source import open_source
 
-    try:
-        for d in [args.original, *args.pruned]:
-            open_source(d)
-        res = tradeoff(args.original, args.pruned, args.pairs)
-    except BadInput as e:
-        print(f"error: {e}")
-        return 2
+    # errors go up to lathe.cli, which prints them on stderr as "lathe: error: ..." (exit 2)
+    for d in [args.original, *args.pruned]:
+        open_source(d)
+    res = tradeoff(args.original, args.pruned, args.pairs)
     md = markdown(res)
     print(md)
     for path, body in ((args.json, json.dumps(res, indent=2)), (args.md, md)):

@@ -69,7 +69,7 @@ def to_md(res: dict) -> str:
 
 def main(argv=None) -> int:
     from lathe.bench.machine import describe
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
 
     ap = argparse.ArgumentParser(prog="python -m lathe.bench.pruning", description=__doc__.split("\n")[0])
     ap.add_argument("--distill-steps", type=int, default=300)

@@ -123,7 +123,7 @@ def winners(doc: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
     from lathe.source import default_checkpoint
 
     p = argparse.ArgumentParser(prog="lathe bench quantizers", description=__doc__.splitlines()[0],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -22,15 +23,27 @@ RESULT_KEYS = ("backend", "batch", "seq", "n", "min_ms", "mean_ms", "p50_ms", "p
 
 def validate_schema(doc: dict) -> None:
     """Raises ValueError naming the first problem (used by tests and by `bench compare`)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"bench JSON must be an object, got {type(doc).__name__}")
     for k in ("schema_version", "machine", "results"):
         if k not in doc:
             raise ValueError(f"bench JSON lacks {k!r}")
     if doc["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"bench JSON schema_version {doc['schema_version']} != {SCHEMA_VERSION}")
+    if not isinstance(doc["results"], list):
+        raise ValueError("bench JSON 'results' must be a list")
     for i, r in enumerate(doc["results"]):
+        if not isinstance(r, dict):
+            raise ValueError(f"bench JSON results[{i}] must be an object")
         for k in RESULT_KEYS:
             if k not in r:
                 raise ValueError(f"bench JSON results[{i}] lacks {k!r}")
+        for k in RESULT_KEYS[1:]:
+            if isinstance(r[k], bool) or not isinstance(r[k], (int, float)):
+                raise ValueError(f"bench JSON results[{i}].{k} must be a number, got {r[k]!r}")
+    q = doc.get("quality", {})
+    if not isinstance(q, dict) or not all(isinstance(v, dict) for v in q.values()):
+        raise ValueError("bench JSON 'quality' must map each backend to an object")
 
 
 def table(doc: dict) -> str:
@@ -126,7 +139,7 @@ def plot(doc: dict, path: Path):
 
 def write_all(doc: dict, out_dir: Path) -> dict:
     """report.json, report.md, report.csv, report.png, each written atomically."""
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -140,22 +153,80 @@ def write_all(doc: dict, out_dir: Path) -> dict:
     return paths
 
 
-def compare(a: dict, b: dict, threshold: float = 0.10) -> tuple[str, bool]:
-    """Speed-ups and regressions of run b against run a (p50, matched on backend/batch/seq).
-    Returns (text, regressed) where regressed means some p50 grew by more than threshold."""
+# Quality drops that count as a regression when --quality-threshold is not given: minimum
+# cosine against fp32 falling by more than 0.005, perplexity rising by more than 1%.
+COS_DROP = 0.005
+PPL_RISE = 0.01
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_threshold(name: str, v) -> float:
+    if not _finite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def compare(a: dict, b: dict, threshold: float = 0.10, quality_threshold: float | None = None) -> tuple[str, bool]:
+    """Run b against run a. Returns (text, regressed). A regression: some p50 grew by more than
+    `threshold`; a backend of a is missing from b; a figure of b is not finite; b has no
+    results; quality fell (min cosine by more than quality_threshold, default 0.005, or
+    perplexity rose by more than quality_threshold as a fraction, default 1%)."""
     validate_schema(a)
     validate_schema(b)
+    threshold = check_threshold("threshold", threshold)
+    cos_drop = COS_DROP if quality_threshold is None else check_threshold("quality threshold", quality_threshold)
+    ppl_rise = PPL_RISE if quality_threshold is None else cos_drop
     key = lambda r: (r["backend"], r["batch"], r["seq"])  # noqa: E731
     old = {key(r): r for r in a["results"]}
+    new = {key(r): r for r in b["results"]}
     lines, regressed = [], False
+
+    def flag(line):
+        nonlocal regressed
+        regressed = True
+        lines.append(line + " REGRESSION")
+
+    if not b["results"]:
+        flag("B has no results")
     for r in b["results"]:
+        name = f"{r['backend']} b{r['batch']} s{r['seq']}"
+        bad = [k for k in RESULT_KEYS[3:] if not _finite(r[k])]
+        if bad:
+            flag(f"{name}: {bad[0]} is {r[bad[0]]!r}, not a finite number")
+            continue
         o = old.get(key(r))
         if o is None:
-            lines.append(f"{r['backend']} b{r['batch']} s{r['seq']}: new ({r['p50_ms']:.2f} ms)")
+            lines.append(f"{name}: new ({r['p50_ms']:.2f} ms)")
+            continue
+        if not _finite(o["p50_ms"]) or o["p50_ms"] <= 0:
+            flag(f"{name}: A's p50 is {o['p50_ms']!r}, nothing to compare against")
             continue
         ratio = r["p50_ms"] / o["p50_ms"]
         tag = "REGRESSION" if ratio > 1 + threshold else ("faster" if ratio < 1 - threshold else "same")
         regressed |= tag == "REGRESSION"
-        lines.append(f"{r['backend']} b{r['batch']} s{r['seq']}: {o['p50_ms']:.2f} -> {r['p50_ms']:.2f} ms "
-                     f"({ratio:.2f}x time) {tag}")
+        lines.append(f"{name}: {o['p50_ms']:.2f} -> {r['p50_ms']:.2f} ms ({ratio:.2f}x time) {tag}")
+    for k in old:
+        if k not in new:
+            flag(f"{k[0]} b{k[1]} s{k[2]}: in A, missing from B")
+    qa, qb = a.get("quality", {}), b.get("quality", {})
+    for backend, qo in qa.items():
+        qn = qb.get(backend)
+        if qn is None:
+            if any(r["backend"] == backend for r in b["results"]):
+                flag(f"{backend}: quality measured in A, missing from B")
+            continue
+        for metric, worse in (("min_cos", lambda o, n: o - n > cos_drop),
+                              ("perplexity", lambda o, n: (n - o) > ppl_rise * abs(o))):
+            if metric not in qo:
+                continue
+            o, n = qo[metric], qn.get(metric)
+            if not _finite(n):
+                flag(f"{backend}: {metric} {n!r} is not a finite number")
+            elif _finite(o) and worse(o, n):
+                flag(f"{backend}: {metric} {o:.4f} -> {n:.4f}")
+            elif _finite(o):
+                lines.append(f"{backend}: {metric} {o:.4f} -> {n:.4f} same")
     return "\n".join(lines), regressed

@@ -31,7 +31,7 @@ def write_llama(out, hidden: int = 64, intermediate: int = 128, heads: int = 4, 
     (compress_checkpoint tokenizes its calibration text). Returns `out`."""
     from safetensors.torch import save_file
 
-    from lathe.compress.checkpoint import atomic_dir
+    from lathe.io import atomic_dir
 
     out = Path(out)
     cfg = llama_config(hidden, intermediate, heads, kv_heads, layers, vocab, dtype)

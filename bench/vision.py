@@ -22,7 +22,7 @@ def _ort_static(fp32_onnx: Path, out: Path, calib: torch.Tensor) -> Path:
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
 
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     doc = run(a.target, Path(a.out), tuple(a.backend.split(",")), [int(b) for b in a.batch.split(",")],
               a.rounds, n_quality=a.quality_images)
     print(table(doc))
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
     for path, text in ((a.json, json.dumps(doc, indent=2)), (a.md, "```\n" + table(doc) + "\n```\n")):
         if path:
             with atomic_file(Path(path)) as t:

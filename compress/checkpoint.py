@@ -1,13 +1,11 @@
 """Compressed checkpoint directories: packed tensors in safetensors, the source's config and
-tokenizer files, and lathe_manifest.json. Written under a temporary name, fsynced, then
-renamed into place, so an interrupted run never leaves a directory that looks complete and
+tokenizer files, and lathe_manifest.json. Written by lathe.io.atomic_dir (temporary name,
+fsync, rename), so an interrupted run never leaves a directory that looks complete and
 never damages the previous output."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,70 +13,12 @@ import torch
 import torch.nn as nn
 
 from lathe.errors import BadInput
+from lathe.io import atomic_dir, atomic_file  # noqa: F401 (lathe's one atomic writer)
 from lathe.source import MANIFEST, Source, open_source, read_tensors, source_hash
 
 FORMAT_VERSION = 1
 COPY = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
         "special_tokens_map.json", "sentence_bert_config.json", "modules.json")
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_dir(out: Path):
-    """Context manager: yields a temp folder beside `out`; on success swaps it into place."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            yield tmp
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb+") as fh:
-                        os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            old = None
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-            os.replace(tmp, out)
-            _fsync_dir(out.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    return cm()
-
-
-def atomic_file(out: Path):
-    """Context manager: yields a temp file path beside `out`, renamed over it on success."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def cm():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-        os.close(fd)
-        try:
-            yield Path(tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    return cm()
 
 
 def describe_modules(model: nn.Module) -> dict:
@@ -142,6 +82,52 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
     return out
 
 
+# Tensors Hugging Face checkpoints carry that lathe's models do not use (BERT's pooler: lathe
+# returns last_hidden_state; buffers that are recomputed). Any other extra tensor is an error.
+UNUSED_KEYS = ("*position_ids", "*.rotary_emb.inv_freq", "pooler.*")
+
+
+def check_tensors(src: Source, tensors: dict, want: dict) -> None:
+    """Every tensor the model needs, none it does not (config.json saying 2 layers where the
+    weights hold 4 must not drop layers silently), shapes as config.json implies, dtypes of the
+    right kind (mixed float dtypes are cast to the checkpoint's main one, and said so), and
+    finite values everywhere (a NaN in an embedding breaks every output)."""
+    import fnmatch
+    import logging
+
+    missing = [k for k in want if k not in tensors]
+    if missing:
+        raise BadInput(f"{src.path}: weights lack {len(missing)} tensors the model needs, e.g. {missing[0]}")
+    extra = [k for k in tensors if k not in want and not any(fnmatch.fnmatch(k, p) for p in UNUSED_KEYS)]
+    if extra:
+        raise BadInput(f"{src.path}: weights hold {len(extra)} tensors the model (as config.json describes "
+                       f"it) does not have, e.g. {extra[0]}")
+    for k, v in want.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise BadInput(f"{src.path}: tensor {k} has shape {tuple(tensors[k].shape)}, "
+                           f"config.json implies {tuple(v.shape)}")
+        t = tensors[k]
+        if t.dtype != v.dtype and not (t.is_floating_point() and v.is_floating_point()):
+            raise BadInput(f"{src.path}: tensor {k} is {str(t.dtype).replace('torch.', '')}, the model "
+                           f"needs {str(v.dtype).replace('torch.', '')}")
+    plain = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # not FP8 codes
+    floats = {}
+    for k, v in want.items():
+        if tensors[k].dtype in plain:
+            floats[tensors[k].dtype] = floats.get(tensors[k].dtype, 0) + tensors[k].numel()
+    if len(floats) > 1 and not src.is_compressed:  # one F16 tensor in an F32 checkpoint: one dtype, or no forward pass runs
+        main = max(floats, key=floats.get)
+        cast = [k for k in want if tensors[k].dtype in plain and tensors[k].dtype != main]
+        for k in cast:
+            tensors[k] = tensors[k].to(main)
+        logging.getLogger("lathe").warning("%s: cast %d tensor(s) to %s, the checkpoint's main dtype (e.g. %s)",
+                                           src.path, len(cast), str(main).replace("torch.", ""), cast[0])
+    for k in want:
+        t = tensors[k]
+        if t.dtype in plain and not bool(torch.isfinite(t).all()):
+            raise BadInput(f"{src.path}: tensor {k} holds NaN or Inf values")
+
+
 def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
     """Rebuild the model from a source (HF or compressed): build on the meta device, swap in
     the quantized modules the manifest names, load the tensors with assign=True (no copy).
@@ -179,13 +165,7 @@ def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
         raise BadInput(f"dtype must be one of {', '.join(map(str, LOAD_DTYPES))}, got {dtype}")
     tensors = read_tensors(src, device)
     want = model.state_dict()
-    missing = [k for k in want if k not in tensors]
-    if missing:
-        raise BadInput(f"{src.path}: weights lack {len(missing)} tensors the model needs, e.g. {missing[0]}")
-    for k, v in want.items():
-        if tuple(tensors[k].shape) != tuple(v.shape):
-            raise BadInput(f"{src.path}: tensor {k} has shape {tuple(tensors[k].shape)}, "
-                           f"config.json implies {tuple(v.shape)}")
+    check_tensors(src, tensors, want)
     quantized = tuple(f"{n}." for n in (src.manifest or {}).get("modules", {}))
     if dtype is not None:  # quantized modules' buffers: their prepare(dtype) decides
         for k in want:

@@ -58,8 +58,7 @@ class Int8Config:
         if self.act_observer is not None and self.act_observer not in ACT_OBSERVERS:
             raise BadInput(f"int8.act_observer must be null or one of {', '.join(ACT_OBSERVERS)}, "
                            f"got {self.act_observer!r}")
-        if not isinstance(self.skip, list):
-            raise BadInput(f"int8.skip must be a list of name patterns, got {self.skip!r}")
+        _check_skip("int8", self.skip)
 
 
 CONFIGS: dict[str, type] = {c.method: c for c in (Int8Config,)}
@@ -95,7 +94,7 @@ def config_from_dict(d: dict, where: str = "step"):
     if not isinstance(d, dict) or "method" not in d:
         raise BadInput(f"{where}: each step needs a 'method' (one of {sorted(CONFIGS)})")
     method = d["method"]
-    if method not in CONFIGS:
+    if not isinstance(method, str) or method not in CONFIGS:
         raise BadInput(f"{where}: unknown method {method!r}; expected one of {sorted(CONFIGS)}")
     cls = CONFIGS[method]
     names = {f.name for f in dataclasses.fields(cls)}

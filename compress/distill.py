@@ -58,6 +58,10 @@ def _num(name, v, lo=None, hi=None, integer=False, lo_open=False):
         raise BadInput(f"distill.{name} must be <= {hi}, got {v!r}")
 
 
+# An upper bound on distill.steps: a typo such as 1e20 must not run forever.
+MAX_STEPS = 1_000_000
+
+
 @dataclass
 class DistillConfig:
     """Teacher -> student distillation (see the module docstring)."""
@@ -90,7 +94,7 @@ class DistillConfig:
     keep_sparsity: bool = True
 
     def __post_init__(self):
-        _num("steps", self.steps, 1, integer=True)
+        _num("steps", self.steps, 1, MAX_STEPS, integer=True)
         _num("lr", self.lr, 0, 1.0, lo_open=True)
         _num("batch_size", self.batch_size, 1, integer=True)
         _num("seq_len", self.seq_len, 2, 8192, integer=True)
@@ -362,7 +366,7 @@ def _save(path, model, opt, sched, step, losses):
     """Atomic; tensors, ints, floats, strings and lists only, so torch.load(weights_only=True)
     reads it. Full state dicts keyed by name (lathe.compress.fsdp), gathered on every rank
     (collective when the model is sharded), written by rank 0."""
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
 
     state = {"model": fsdp.model_state(model), "optim": fsdp.optim_state(model, opt),
              "sched": sched.state_dict(), "step": int(step),

@@ -29,9 +29,16 @@ class Recipe:
 def load_recipe(name_or_path) -> Recipe:
     p = Path(str(name_or_path))
     if p.suffix in (".yaml", ".yml", ".json") or p.exists():
-        if not p.is_file():
+        if not p.exists():
             raise BadInput(f"recipe file not found: {p}")
-        text, where = p.read_text(), str(p)
+        if not p.is_file():
+            raise BadInput(f"recipe {p} is not a regular file")
+        try:
+            text, where = p.read_text(encoding="utf-8"), str(p)
+        except UnicodeDecodeError:
+            raise BadInput(f"recipe {p} is not UTF-8 text") from None
+        except OSError as e:
+            raise BadInput(f"cannot read recipe {p}: {e.strerror}") from None
     else:
         preset = PRESET_DIR / f"{name_or_path}.yaml"
         if not preset.is_file():
@@ -50,4 +57,19 @@ def load_recipe(name_or_path) -> Recipe:
     if not isinstance(steps, list) or not steps:
         raise BadInput(f"{where}: 'steps' must be a non-empty list")
     cfgs = [config_from_dict(s, f"{where} step {i + 1}") for i, s in enumerate(steps)]
+    check_order(cfgs, where)
     return Recipe(name=str(data.get("name", p.stem)), steps=cfgs)
+
+
+# Steps that replace Linear layers by quantized modules: nothing can run after one (a second
+# quantization, pruning or distillation would need the fp weights it replaced).
+QUANT_METHODS = ("int8", "int4", "int8-weight-only", "fp8")
+
+
+def check_order(cfgs: list, where: str):
+    """Refuses, at recipe validation (before any model is loaded), step orders that cannot work."""
+    for i, c in enumerate(cfgs[:-1]):
+        if c.method in QUANT_METHODS:
+            nxt = cfgs[i + 1]
+            raise BadInput(f"{where}: step {i + 2} ({nxt.method}) follows the quantization step {i + 1} "
+                           f"({c.method}); quantization must be the last step")

@@ -183,18 +183,23 @@ def quantization_config(model: nn.Module) -> dict:
 
 def export_compressed_tensors(src, out) -> Path:
     """Write `out` in compressed-tensors layout from lathe compressed directory `src`."""
-    from safetensors.torch import save_file
-
-    import lathe
-    from lathe.compress.checkpoint import COPY, atomic_dir
-    from lathe.source import open_source, writable_parent
+    from lathe.io import claim
+    from lathe.source import open_source
 
     source = open_source(src)
     if not source.is_compressed:
         raise BadInput(f"{src} is not a lathe compressed checkpoint (compress it first)")
-    out = writable_parent(out)
-    if out.resolve() == source.path.resolve():
-        raise BadInput("the compressed-tensors directory must differ from the lathe checkpoint")
+    with claim(out, "compressed-tensors", [source.path]) as out:
+        return _write(source, out)
+
+
+def _write(source, out):
+    from safetensors.torch import save_file
+
+    import lathe
+    from lathe.compress.checkpoint import COPY
+    from lathe.io import atomic_dir
+
     model = lathe.load(source.path)
     qcfg = quantization_config(model)
     sd, _, _ = compressed_tensors_state(model)

@@ -161,10 +161,14 @@ def fast_exact_modules(model, model_dir, calib=None, max_act_error: float = 0.08
     return {k for k, v in scales.items() if v is None}
 
 
+# The newest opset lathe's lowerings are checked with (onnxruntime validates the export).
+MAX_OPSET = 23
+
+
 def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None, validate: bool = True,
                 batch: int = 2, seq: int = 16, calib=None, int8_mode: str = "fast",
                 accuracy_level: int = 4, external_data: bool | None = None, slim: bool = False,
-                calib_method: str = "minmax"):
+                calib_method: str = "minmax", force: bool = False):
     """Export checkpoint `src` (HF or lathe compressed) to `out`; returns (path, report).
 
     target "tensorrt": int8 linears become symmetric static QDQ; their activation scales are
@@ -180,12 +184,11 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
     modules need (21 for blocked int4/int8 DequantizeLinear, 19 for FP8). Llama decoders
     export with their KV cache (lathe.export.decoder). external_data: None = automatic past
     2 GB. slim: simplify with onnxslim, then validate. calib_method: the tensorrt target's
-    activation amax (minmax, percentile, mse, entropy; see calibrate_act_scales)."""
-    import lathe
+    activation amax (minmax, percentile, mse, entropy; see calibrate_act_scales). The output is
+    checked and locked first (lathe.io.claim); force replaces a file lathe did not write."""
     from lathe.export.lowering import INT8_MODES, TARGETS
-    from lathe.export.validate import validate_onnx
-    from lathe.export.weight_only import needs_opset
-    from lathe.source import open_source, writable_parent
+    from lathe.io import claim
+    from lathe.source import open_source
 
     if opset is not None and opset < 18:
         raise BadInput(f"opset {opset} is too old: lathe exports opset 18 or newer")
@@ -203,8 +206,20 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
             import onnxslim  # noqa: F401
         except ImportError:
             raise BadInput("--slim needs the onnxslim package: pip install onnxslim") from None
+    if opset is not None and opset > MAX_OPSET:
+        raise BadInput(f"opset {opset} is newer than lathe exports (18 to {MAX_OPSET})")
     source = open_source(src)
-    out = writable_parent(out)
+    with claim(out, "onnx", [source.path], force, is_dir=False) as out:
+        return _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, accuracy_level,
+                       external_data, slim, calib_method)
+
+
+def _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, accuracy_level,
+            external_data, slim, calib_method):
+    import lathe
+    from lathe.export.validate import validate_onnx
+    from lathe.export.weight_only import needs_opset
+
     model = lathe.load(source.path)
     need = needs_opset(model, target)
     if opset is not None and opset < need:

@@ -4,7 +4,6 @@ and optionally simplified by onnxslim."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from lathe.errors import BadInput
@@ -28,33 +27,33 @@ def wants_external(model, external_data: bool | None) -> bool:
     return weight_bytes(model) + MARGIN >= PROTO_LIMIT
 
 
-def _fsync(p: Path):
-    with open(p, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
 def save_ir(model, out: Path, external_data: bool | None = None) -> Path:
-    """Save an onnx_ir Model to `out`. With external data both files are written in a temp
-    folder beside `out` under their final names (the graph names its data file), then the
-    data file and the graph are renamed into place, data first, so a reader never sees a
-    graph without its data. A stale data file from an earlier export is removed."""
+    """Save an onnx_ir Model to `out` (producer "lathe": lathe.io recognises its own outputs).
+    With external data both files are written in a temp folder beside `out` under their final
+    names (the graph names its data file), each through lathe.io.atomic_file, data first, so a
+    reader never sees a graph without its data. A stale data file from an earlier export is
+    removed."""
     import onnx_ir as ir
 
+    from lathe.io import atomic_file, temp_dir_beside
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    model.producer_name = "lathe"
+    import lathe
+    model.producer_version = lathe.__version__
     external = wants_external(model, external_data)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as d:
-        tmp = Path(d) / out.name
+    with temp_dir_beside(out) as d:
+        tmp = d / out.name
         if external:
             ir.save(model, tmp, external_data=data_path(out).name, size_threshold_bytes=1024)
-            _fsync(data_path(tmp))
-            _fsync(tmp)
-            os.replace(data_path(tmp), data_path(out))
+            with atomic_file(data_path(out)) as t:
+                os.replace(data_path(tmp), t)
         else:
             ir.save(model, tmp)
-            _fsync(tmp)
+        with atomic_file(out) as t:
+            os.replace(tmp, t)
+        if not external:
             data_path(out).unlink(missing_ok=True)
-        os.replace(tmp, out)
     return out
 
 

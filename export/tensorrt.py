@@ -298,18 +298,9 @@ def _logger(trt):
 
 
 def _atomic_write(path: Path, data: bytes):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from lathe.io import write_bytes
+
+    write_bytes(path, data)
 
 
 def build_engine(onnx_path, engine_path, min_shapes=None, opt_shapes=None, max_shapes=None,
@@ -480,7 +471,7 @@ DEFAULT_SHAPES = ("1x1", "8x128", "32x512")
 
 def export_tensorrt(src, out, min_shapes=None, opt_shapes=None, max_shapes=None, fp16: bool = False,
                     workspace_gb: float = 4, timing_cache=None, opset: int = 18, validate: bool = True,
-                    log=print):
+                    log=print, force: bool = False):
     """`lathe export SRC --to tensorrt`: export ONNX with the tensorrt target (symmetric
     static QDQ for int8 checkpoints) to a temporary file, validate it on onnxruntime, lint it
     (findings go to `log`; error findings stop the build unless validate is False), then build
@@ -494,7 +485,10 @@ def export_tensorrt(src, out, min_shapes=None, opt_shapes=None, max_shapes=None,
     require_tensorrt()  # fail in a second, not after the export
     given = (min_shapes, opt_shapes, max_shapes)
     profiles = parse_profiles(*given)  # BadInput on malformed strings, before any work
-    with tempfile.TemporaryDirectory(prefix="lathe-trt-") as tmpdir:
+    from lathe.io import claim
+    from lathe.source import open_source
+    with claim(out, "engine", [open_source(src).path], force, is_dir=False), \
+            tempfile.TemporaryDirectory(prefix="lathe-trt-") as tmpdir:
         onnx_path = Path(tmpdir) / "model.onnx"
         _, report = export_onnx(src, onnx_path, target="tensorrt", opset=opset, validate=validate)
         if report is not None:

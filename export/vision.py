@@ -33,7 +33,7 @@ def export_fp32(model, out: Path, size: int = 224, opset: int = 18) -> Path:
 
     from torch.export import Dim
 
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
 
     x = torch.zeros(2, 3, size, size)
     with atomic_file(Path(out)) as tmp, torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
@@ -136,7 +136,7 @@ def export_int8(model, out: Path, target: str = "onnxruntime", size: int = 224, 
     from onnx import TensorProto, helper
 
     from lathe.compress import qconv
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
     from lathe.compress.modules import QLinearW8A8
 
     g = _Graph(target)

@@ -100,7 +100,7 @@ def int8_linear(x, packed, colsum, w_scale, bias, N: int, act: str = "none", smo
             raise ValueError(f"int8_linear: smooth must be contiguous float32 [{K}]")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < K):  # e.g. expand()ed rows
         x2 = x2.contiguous()
     M = x2.shape[0]
     out = torch.empty(M, N, dtype=torch.float32)

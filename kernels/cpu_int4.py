@@ -150,4 +150,16 @@ def int4_linear(x: torch.Tensor, packed: dict, N: int, K: int, group_size: int, 
                          codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), N, group_size,
                          0 if bias is None else bias.data_ptr(), out.data_ptr(), N,
                          1 if exact else 0, torch.get_num_threads())
+        if not exact:
+            # The int8-activation route cannot hold +-Inf (its group scale turns the row NaN):
+            # rows that came out NaN are redone on the exact fp32 route, which gives what the
+            # reference gives (Inf, or NaN where Inf meets a zero weight or an opposite Inf).
+            bad = torch.isnan(out).any(dim=1).nonzero().flatten()
+            if bad.numel():
+                xb = x2[bad].contiguous()
+                ob = torch.empty(xb.shape[0], N, dtype=x.dtype)
+                _C().int4_linear(xb.data_ptr(), dt, xb.shape[0], K, K, codes.data_ptr(), scales.data_ptr(),
+                                 zeros.data_ptr(), N, group_size, 0 if bias is None else bias.data_ptr(),
+                                 ob.data_ptr(), N, 1, torch.get_num_threads())
+                out[bad] = ob
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)

@@ -30,6 +30,7 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     [K] multiplies x before quantization (SmoothQuant's 1/s, fused into the quantization
     pass). asym picks per-token asymmetric u8 activations (zero point) over symmetric ones.
     """
+    _check_w8a8(x, w_q, w_scale)
     backend = backend_for("linear_w8a8", x.device)
     N = w_q.shape[0]
     if backend == "cpu":
@@ -56,7 +57,28 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
 
 @linear_w8a8.register_fake
 def _(x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum):
+    _check_w8a8(x, w_q, w_scale)
     return x.new_empty(*x.shape[:-1], w_q.shape[0])
+
+
+# |u8 code| <= 255 times |s8 weight| <= 128, summed over K, must fit the int32 accumulator
+W8A8_MAX_K = (2**31 - 1) // (255 * 128)
+
+
+def _check_w8a8(x, w_q, w_scale):
+    """Shapes and dtypes only (metadata: also runs on fake tensors while tracing)."""
+    if w_q.dtype != torch.int8 or w_q.dim() != 2:
+        raise BadInput(f"linear_w8a8: w_q must be int8 [N, K], got {w_q.dtype} {tuple(w_q.shape)}")
+    N, K = w_q.shape
+    if N == 0 or K == 0:
+        raise BadInput(f"linear_w8a8: w_q has an empty dimension [N={N}, K={K}]")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise BadInput(f"linear_w8a8: x must be [..., K={K}] to match w_q, got {tuple(x.shape)}")
+    if K > W8A8_MAX_K:
+        raise BadInput(f"linear_w8a8: K={K} exceeds {W8A8_MAX_K}, beyond which the int32 accumulator "
+                       "can overflow (255 x 128 x K > 2^31); split the layer along K")
+    if tuple(w_scale.shape) != (N,):
+        raise BadInput(f"linear_w8a8: w_scale must be [{N}], got {tuple(w_scale.shape)}")
 
 
 # ----------------------------------------------------------------------------- linear_w4a16
@@ -213,7 +235,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_padding_mask: Optional[torch.Tensor], causal: bool,
               scale: Optional[float]) -> torch.Tensor:
     """Softmax attention. q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D]; key_padding_mask bool [B, Sk]
-    (True = real key). Rows with no real key give zeros."""
+    (True = real key). Rows with no real key give zeros; a NaN among a row's visible inputs,
+    or a score that overflows, gives NaN in that row (never zeros)."""
     backend = backend_for("attention", q.device)
     if backend == "triton":
         from lathe.kernels.gpu import triton_attention

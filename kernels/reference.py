@@ -157,7 +157,8 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, scale=None):
 
     q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] with Hq a multiple of Hkv (GQA/MQA).
     key_padding_mask: bool [B, Sk], True where the key is real. Rows whose keys are all padding
-    return zeros (not NaN). causal aligns the last query with the last key (decode-friendly).
+    return zeros (not NaN); any other NaN (in a row's inputs, or from an overflowing score) is
+    kept. causal aligns the last query with the last key (decode-friendly).
     """
     B, Hq, Sq, D = q.shape
     Hkv = k.shape[1]
@@ -177,5 +178,8 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, scale=None):
         allowed = allowed & key_padding_mask[:, None, None, :].bool()
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # fully masked rows
-    return (p @ vf).to(q.dtype)
+    # Rows with no visible key are defined as zeros (softmax gives NaN there). Only those: a
+    # NaN in a row's inputs, or a score that overflows, stays NaN in that row.
+    seen = allowed.any(dim=-1, keepdim=True)
+    out = torch.where(seen, p, 0.0) @ vf
+    return torch.where(seen, out, 0.0).to(q.dtype)

@@ -22,12 +22,12 @@ def load(path, device: str = "cpu", dtype=None):
     return _load(path, device, dtype)
 
 
-def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend="lathe"):
+def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend="lathe", force=False):
     """Compress checkpoint `src` with `recipe` (preset name or YAML path) into directory `out`;
     backend "modelopt" calibrates with NVIDIA ModelOpt (pip install 'lathe[modelopt]')."""
     from lathe.pipeline import compress_checkpoint as _run
 
-    return _run(src, recipe, out, calib, progress, backend)
+    return _run(src, recipe, out, calib, progress, backend, force)
 
 
 def export_onnx(src, out, **kw):

@@ -14,12 +14,30 @@ DEFAULT = ("torch", "lathe", "onnxruntime", "ort-int8", "lathe-onnx")
 REFERENCE = "torch fp32"
 
 
+def check_onnx_file(path: Path):
+    """Parses the graph (not its external data): an empty or corrupt file is a BadInput."""
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path} is empty: not an ONNX model")
+    import onnx
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 protobuf's DecodeError and friends: the file is bad
+        raise BadInput(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+    if not m.graph.node and not m.graph.output:
+        raise BadInput(f"{path} is not a valid ONNX model (no graph)")
+
+
 def _file_target(target: Path, model_dir) -> list:
     from lathe.bench.backends import Spec
 
     if target.suffix == ".onnx":
+        check_onnx_file(target)
         return [Spec("onnxruntime", str(target), f"onnxruntime {target.name}")]
     if target.suffix in (".engine", ".plan"):
+        from lathe.export.tensorrt import require_tensorrt
+        require_tensorrt()  # BadInput naming the missing package, before any work
+        if target.stat().st_size == 0:
+            raise BadInput(f"{target} is empty: not a TensorRT engine")
         return [Spec("tensorrt", str(target), f"tensorrt {target.name}", "cuda")]
     raise BadInput(f"{target}: expected a model directory, an .onnx file or an .engine/.plan file")
 

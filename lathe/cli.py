@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="preset name (int8, int8-dynamic) or a recipe YAML file")
     c.add_argument("--calib", help="calibration text file, one text a line (default: stdlib docstrings)")
     c.add_argument("-o", "--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--force", action="store_true",
+                   help="replace an existing output that is not a lathe checkpoint (never the source)")
     c.add_argument("--backend", choices=["lathe", "modelopt"], default="lathe",
                    help="who calibrates: lathe, or NVIDIA ModelOpt (int8, fp8, int4-awq; "
                         "pip install 'lathe[modelopt]'); the output runs on lathe's kernels either way")
@@ -89,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--workspace-gb", type=float, default=4, help="TensorRT builder workspace limit")
     e.add_argument("--timing-cache", help="TensorRT timing cache file (read if present, then updated)")
     e.add_argument("-o", "--out", required=True, help="output file")
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing file that lathe did not write (never a source file)")
 
     b = sub.add_parser("bench", help="latency and quality, many backends side by side",
                        epilog=EXAMPLES["bench"], formatter_class=fmt)
@@ -104,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the JSON report here")
     b.add_argument("--out", default="lathe-bench-out", help="folder for report.{json,md,csv,png}")
     b.add_argument("--threshold", type=float, default=0.10, help="compare: regression threshold")
+    b.add_argument("--quality-threshold", type=float, default=None,
+                   help="compare: quality drop that is a regression (default: min cosine -0.005, "
+                        "perplexity +1%%)")
     b.add_argument("--isolate", action="store_true", help="run each backend in its own process")
     b.add_argument("--prompt-len", type=int, default=128, help="decoders: prompt tokens")
     b.add_argument("--gen-len", type=int, default=32, help="decoders: generated tokens")
@@ -132,7 +139,11 @@ def _compress(a):
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="lathe: %(message)s")
     from lathe.compress import distributed as dist
 
-    out = lathe.compress_checkpoint(a.src, a.recipe, a.out, a.calib, progress=Progress() if main_rank else None, backend=a.backend)
+    if a.vllm_export:  # both outputs are checked before any work
+        from lathe.io import check_output
+        check_output(a.vllm_export, "compressed-tensors", [a.src], is_dir=True)
+    out = lathe.compress_checkpoint(a.src, a.recipe, a.out, a.calib, progress=Progress() if main_rank else None,
+                                    backend=a.backend, force=a.force)
     if not dist.is_main():  # under torchrun rank 0 wrote the output and reports it
         return 0
     print(f"wrote {out}")
@@ -148,7 +159,8 @@ def _export(a):
     if a.to == "tensorrt":
         from lathe.export.tensorrt import export_tensorrt
         out, _, _ = export_tensorrt(a.src, a.out, a.min_shapes, a.opt_shapes, a.max_shapes, a.fp16,
-                                    a.workspace_gb, a.timing_cache, a.opset, validate=not a.no_validate)
+                                    a.workspace_gb, a.timing_cache, a.opset, validate=not a.no_validate,
+                                    force=a.force)
         print(f"wrote {out}")
         return 0
     from lathe.source import open_source
@@ -171,7 +183,7 @@ def _export(a):
     out, report = export_onnx(a.src, a.out, a.target, a.opset, validate=not a.no_validate,
                               int8_mode=a.int8_mode, accuracy_level=a.accuracy_level,
                               external_data=True if a.external_data else None, slim=a.slim,
-                              calib_method=a.calib_method)
+                              calib_method=a.calib_method, force=a.force)
     if report:
         print(report.summary())
     print(f"wrote {out}")
@@ -193,26 +205,16 @@ def _bench(a):
     from lathe.bench.report import compare, table, write_all
 
     if a.target == "compare":
-        if len(a.rest) != 2:
-            raise BadInput("usage: lathe bench compare A.json B.json")
-        docs = []
-        for f in a.rest:
-            try:
-                docs.append(json.loads(Path(f).read_text()))
-            except FileNotFoundError:
-                raise BadInput(f"no such file: {f}") from None
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{f} is not JSON: {e.msg}") from None
-        try:
-            text, regressed = compare(docs[0], docs[1], a.threshold)
-        except ValueError as e:
-            raise BadInput(str(e)) from None
-        print(text)
-        return 1 if regressed else 0
+        return _bench_compare(a)
+    if a.rest:
+        raise BadInput(f"unexpected argument {a.rest[0]!r} (only `bench compare` takes two files)")
+    from lathe.io import check_output, check_report_dir
+    out = check_report_dir(Path(a.out))
+    if a.json:
+        check_output(a.json, "json", is_dir=False)
     from lathe import benchflow
-    from lathe.source import open_source
+    from lathe.source import open_source, resolve
 
-    from lathe.source import resolve
     a.target = str(resolve(a.target))
     if a.device != "cpu":  # the GPU benchmark: torch fp16 against lathe (lathe.bench.gpu)
         return _bench_gpu(a)
@@ -229,17 +231,17 @@ def _bench(a):
                   ("torch", "onnxruntime", "ort-int8", "lathe"), a.batch, max(3, a.min_runs // 10),
                   n_quality=16 if a.target in RANDOM else 128)  # random weights: quality says little
         if a.json:
-            from lathe.compress.checkpoint import atomic_file
+            from lathe.io import atomic_file
             with atomic_file(Path(a.json)) as tmp:
                 tmp.write_text(json.dumps(doc, indent=2))
         print(table(doc))
         return 0
     backends = tuple(a.backend.split(",")) if a.backend else benchflow.DEFAULT
-    doc = benchflow.run(a.target, Path(a.out), backends, a.batch, a.seq, a.min_runs, a.min_seconds,
+    doc = benchflow.run(a.target, out, backends, a.batch, a.seq, a.min_runs, a.min_seconds,
                         isolate=a.isolate, threads=a.threads, model_dir=a.model_dir, device=a.device)
-    paths = write_all(doc, Path(a.out))
+    paths = write_all(doc, out)
     if a.json:
-        from lathe.compress.checkpoint import atomic_file
+        from lathe.io import atomic_file
         with atomic_file(Path(a.json)) as tmp:
             tmp.write_text(json.dumps(doc, indent=2))
     print(table(doc))
@@ -251,7 +253,7 @@ def _bench_gpu(a):
     import json
 
     from lathe.bench import gpu
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
     from lathe.source import open_source
 
     gpu.require_cuda(a.device)  # no GPU: one line, exit 2 (never a silent CPU run)
@@ -267,16 +269,49 @@ def _bench_gpu(a):
     return 0
 
 
+def _bench_compare(a):
+    import json
+    import math
+
+    from lathe.bench.report import compare
+
+    if len(a.rest) != 2:
+        raise BadInput("usage: lathe bench compare A.json B.json")
+    for name, v in (("--threshold", a.threshold), ("--quality-threshold", a.quality_threshold)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise BadInput(f"{name} must be a finite number >= 0, got {v}")
+    docs = []
+    for f in a.rest:
+        p = Path(f)
+        if not p.exists():
+            raise BadInput(f"no such file: {f}")
+        if not p.is_file():
+            raise BadInput(f"{f} is not a file")
+        try:
+            docs.append(json.loads(p.read_bytes().decode("utf-8")))
+        except UnicodeDecodeError:
+            raise BadInput(f"{f} is not a bench JSON file (not UTF-8 text)") from None
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{f} is not JSON: {e.msg}") from None
+        except OSError as e:
+            raise BadInput(f"cannot read {f}: {e.strerror}") from None
+    try:
+        text, regressed = compare(docs[0], docs[1], a.threshold, a.quality_threshold)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    print(text)
+    return 1 if regressed else 0
+
+
 def _bench_decoder(a):
     import json
 
     from lathe.bench import decoder
-    from lathe.compress.checkpoint import atomic_file
+    from lathe.io import atomic_file
 
     doc = decoder.run(a.target, a.batch, a.prompt_len, a.gen_len, max(3, a.min_runs // 5), a.min_seconds)
     print(decoder.table(doc))
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     for path in [out / "report.json"] + ([Path(a.json)] if a.json else []):
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2))
@@ -295,15 +330,86 @@ BENCH_TOOLS = {"kernels": "kernels", "quantizers": "quantizers", "paired": "pair
                "pruned": "prune_tradeoff"}
 
 
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error that comes from the user's input, files or machine
+    (exit 2), or None for lathe's own bugs."""
+    import errno
+    import json
+
+    name = type(e).__name__
+    if isinstance(e, OSError):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"disk full: {e.strerror} ({e.filename or 'writing the output'})"
+        return f"{e.strerror or name}: {e.filename}" if e.filename else f"{e.strerror or e}"
+    if isinstance(e, MemoryError) or name == "OutOfMemoryError":  # torch's (CUDA) one too
+        return "out of memory"
+    if isinstance(e, ModuleNotFoundError) and e.name and not e.name.startswith("lathe"):
+        return f"the Python package {e.name!r} is missing here: pip install it"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start})"
+    if isinstance(e, json.JSONDecodeError):
+        return f"a file is not valid JSON: {e.msg} at line {e.lineno}"
+    first = str(e).splitlines()[0] if str(e) else name
+    if name == "SafetensorError":  # safetensors' own I/O errors (disk full while saving, ...)
+        return f"safetensors: {first}"
+    if name in ("InvalidProtobuf", "DecodeError", "InvalidGraph", "NoSuchFile"):  # onnx / onnxruntime
+        return f"invalid ONNX file: {first}"
+    if name == "YAMLError" or any(c.__name__ == "YAMLError" for c in type(e).__mro__):
+        return f"invalid YAML: {first}"
+    return None
+
+
+def _report_error(e: BaseException) -> int:
+    if isinstance(e, LatheError):
+        print(f"lathe: error: {e}", file=sys.stderr)
+        return e.exit_code
+    msg = user_error(e)
+    if msg is not None:
+        print(f"lathe: error: {msg}", file=sys.stderr)
+        return 2
+    if os.environ.get("LATHE_DEBUG"):
+        raise e
+    print(f"lathe: internal error (a bug in lathe, please report it with the command line): "
+          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (LATHE_DEBUG=1 shows the "
+          "traceback)", file=sys.stderr)
+    return 1
+
+
+def _interrupted() -> int:
+    from lathe import io
+
+    if io.completed:  # the output is complete and in place: the work is done
+        print(f"lathe: interrupted after writing {io.completed[-1]} (complete)", file=sys.stderr)
+        return 0
+    print("lathe: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv=None) -> int:
+    from lathe import io
+
+    io.completed.clear()
+    try:
+        return _main(argv)
+    finally:
+        import signal
+        import threading
+        if argv is None and threading.current_thread() is threading.main_thread():
+            # run as the program, and the run is over: a Ctrl-C during interpreter shutdown
+            # must not turn a finished run into exit -2 (callers passing argv keep their handler)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCH_TOOLS:  # their own options (--help)
         import importlib
         try:
-            return importlib.import_module(f"lathe.bench.{BENCH_TOOLS[argv[1]]}").main(argv[2:])
-        except LatheError as e:
-            print(f"lathe: error: {e}", file=sys.stderr)
-            return e.exit_code
+            return importlib.import_module(f"lathe.bench.{BENCH_TOOLS[argv[1]]}").main(argv[2:]) or 0
+        except KeyboardInterrupt:
+            return _interrupted()
+        except Exception as e:  # noqa: BLE001 one line on stderr, as every command
+            return _report_error(e)
     parser = _parser()
     a = parser.parse_args(argv)
     if a.version:
@@ -316,18 +422,10 @@ def main(argv=None) -> int:
     try:
         rc = {"compress": _compress, "export": _export, "bench": _bench, "demo": _demo}[a.cmd](a)
         return rc or 0
-    except LatheError as e:
-        print(f"lathe: error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
-        print("lathe: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # one line, not a 40-line traceback; LATHE_DEBUG=1 shows it
-        if os.environ.get("LATHE_DEBUG"):
-            raise
-        print(f"lathe: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(LATHE_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
+        return _interrupted()
+    except Exception as e:  # noqa: BLE001 one line, not a 40-line traceback; LATHE_DEBUG=1 shows it
+        return _report_error(e)
 
 
 if __name__ == "__main__":

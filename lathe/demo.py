@@ -14,10 +14,11 @@ def run(out_dir="lathe-demo-out", min_runs: int = 20, min_seconds: float = 3.0, 
     import lathe
     from lathe import benchflow
     from lathe.bench.report import table, write_all
-    from lathe.source import default_checkpoint, writable_parent
+    from lathe.io import check_report_dir
+    from lathe.source import default_checkpoint
 
     t0 = time.perf_counter()
-    out = writable_parent(Path(out_dir))
+    out = check_report_dir(Path(out_dir))  # never onto a file or another tool's report
     out.mkdir(parents=True, exist_ok=True)
     src = default_checkpoint()
     log(f"lathe demo: {src} -> {out.resolve()}  ({torch.get_num_threads()} threads)")

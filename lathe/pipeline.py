@@ -38,29 +38,50 @@ def _teacher_source(source, rec):
     return orig
 
 
-def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend: str = "lathe") -> Path:
+def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend: str = "lathe",
+                        force: bool = False) -> Path:
     """backend: "lathe" (lathe's own calibration) or "modelopt" (NVIDIA ModelOpt calibrates,
-    lathe.compress.modelopt_backend converts the result into lathe's modules)."""
+    lathe.compress.modelopt_backend converts the result into lathe's modules).
+
+    Everything is checked before any work: the recipe in full, the source, and the output
+    (lathe.io.claim: never a path holding something lathe did not write, unless force; never
+    one that contains the source or lies inside a source file). The output is locked for the
+    run, so a second run on it exits at once."""
+    import contextlib
+
+    from lathe.compress import distributed as dist
+    from lathe.compress.recipes import Recipe, check_order, load_recipe
+    from lathe.io import claim
+    from lathe.source import open_source
+
+    dist.init_from_env()  # under torchrun: join the group (calibration / distillation reduce)
+    if backend not in ("lathe", "modelopt"):
+        raise BadInput(f"unknown backend {backend!r}; expected lathe or modelopt")
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    check_order(rec.steps, f"recipe {rec.name}")  # also for a Recipe built in Python
+    source = open_source(src)
+    if source.is_compressed and (source.manifest.get("modules") or source.manifest.get("transforms")):
+        raise BadInput(f"{src} holds lathe quantized/fused modules; compress the original (a pruned or "
+                       "distilled checkpoint without quantization can be compressed further)")
+    if isinstance(calib, (str, Path)):
+        from lathe import text
+        text.read_lines(calib)  # a missing or unreadable file fails here, before any work
+    out = Path(out)
+    # one writer under torchrun: rank 0 holds the lock, the other ranks only compute
+    guard = claim(out, "compressed", [source.path], force) if dist.is_main() else contextlib.nullcontext(out)
+    with guard:
+        return _compress(source, rec, out, calib, progress, backend)
+
+
+def _compress(source, rec, out, calib, progress, backend) -> Path:
     import shutil
 
     from lathe.compress import distributed as dist
     from lathe.compress.checkpoint import build_model, save
     from lathe.compress.context import StepContext
     from lathe.compress.quantize import quantize
-    from lathe.compress.recipes import Recipe, load_recipe
-    from lathe.source import open_source, writable_parent
+    from lathe.compress.recipes import Recipe
 
-    dist.init_from_env()  # under torchrun: join the group (calibration / distillation reduce)
-    if backend not in ("lathe", "modelopt"):
-        raise BadInput(f"unknown backend {backend!r}; expected lathe or modelopt")
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    source = open_source(src)
-    if source.is_compressed and (source.manifest.get("modules") or source.manifest.get("transforms")):
-        raise BadInput(f"{src} holds lathe quantized/fused modules; compress the original (a pruned or "
-                       "distilled checkpoint without quantization can be compressed further)")
-    out = writable_parent(out)
-    if out.exists() and out.resolve() == source.path.resolve():
-        raise BadInput("the output directory must differ from the source checkpoint")
     from lathe import vision
     if vision.is_vision(source):  # CNNs: image calibration, conv int8 / channel pruning
         return vision.compress(source, rec, out, progress)

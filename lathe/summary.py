@@ -9,10 +9,13 @@ Latency is the median of a handful of forward passes at batch 8, seq 128 (encode
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
+
+from lathe.errors import BadInput
 
 
 def weights_bytes(path) -> int:
@@ -35,6 +38,8 @@ def _encoder_quality(ref, test, tok, n_sentences: int) -> dict:
 
     sents = text.eval_sentences()[:n_sentences]
     e = [embeddings(lambda b, m=m: m(**b), tok, sents) for m in (ref, test)]
+    if not bool(torch.isfinite(e[0]).all()):
+        raise BadInput("the fp32 reference gives non-finite embeddings: it cannot be compared against")
     s = cosine_stats(*e)
     return {"metric": "min cosine", "fp32": 1.0, "value": s["min_cos"], "mean_cos": s["mean_cos"],
             "n": s["n_sentences"]}
@@ -45,6 +50,8 @@ def _decoder_quality(ref, test, src_path) -> dict:
 
     texts = heldout_texts(16)
     p0, p1 = (perplexity(m, src_path, texts, max_tokens=8192) for m in (ref, test))
+    if not math.isfinite(p0):  # the reference must be sound, or every ratio against it lies
+        raise BadInput(f"the fp32 reference {src_path} gives perplexity {p0}: it cannot be compared against")
     return {"metric": "perplexity", "fp32": p0, "value": p1, "ratio": p1 / p0}
 
 

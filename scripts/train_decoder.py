@@ -161,7 +161,7 @@ def save_checkpoint(out: Path, model, config: dict, tok, info: dict, a, argv):
     from safetensors.torch import save_file
 
     import lathe
-    from lathe.compress.checkpoint import atomic_dir
+    from lathe.io import atomic_dir
 
     with atomic_dir(out) as tmp:
         sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}

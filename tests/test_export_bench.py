@@ -57,7 +57,8 @@ def test_demo_end_to_end(tmp_path):
     """The main job, at a small count: table printed, reports written."""
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "lathe", "demo", "-o", str(out), "--min-runs", "3",
-                        "--min-seconds", "0"], capture_output=True, text=True, timeout=900)
+                        "--min-seconds", "0"], capture_output=True, text=True, timeout=900,
+                       cwd=tmp_path)  # not the repository root: its kernels/ would shadow the PyPI package
     assert r.returncode == 0, r.stderr[-3000:]
     assert "lathe int8" in r.stdout and "onnxruntime int8" in r.stdout
     doc = json.loads((out / "report.json").read_text())

@@ -5,11 +5,12 @@
 // The SIMD body is written once against a small set of vector ops and compiled twice, inside
 // `#pragma GCC target` regions (no -march flags: the dispatcher picks at run time).
 //
-// Scores are raw q.k dot products; the softmax applies the scale with one FMA, x = s * scale - m
-// (one rounding, where the reference rounds s * scale and then s - max), and exp uses a
-// Cody-Waite reduction (no eps * |x| error from a multiplication by log2(e)). A key tile that
-// is entirely padding (or entirely above the causal diagonal) is skipped; a query row with no
-// visible key ends with l = 0 and outputs 0.
+// Scores are raw q.k dot products; the softmax rounds s * scale and subtracts the row max, as
+// the reference does (the top score gives exactly e^0 = 1, whatever the magnitude), and exp is
+// vec_math.h's (Cody-Waite reduction: no eps * |x| error from a multiplication by log2(e)). A key
+// tile that is entirely padding (or entirely above the causal diagonal) is skipped; a query row
+// with no visible key ends with l = 0 and outputs 0. A NaN among a row's visible inputs, or a
+// score that overflows, gives NaN in that row (never zeros), on every body.
 #include "cpu/attention.h"
 #include "cpu/attention_bf16.h"
 
@@ -30,6 +31,7 @@
 
 #include "cpu/bf16.h"
 #include "cpu/isa.h"
+#include "cpu/vec_math.h"
 
 namespace lathe {
 namespace attn {
@@ -90,6 +92,19 @@ inline TaskPos task_pos(const Prob& P, const Plan& L, int64_t t) {
 struct RowPos {
   int64_t qoff, ooff, lim;
 };
+
+// Whether a row (batch b, last visible key lim) sees any key. A row that does but ends with
+// l == 0 had every score at -inf (an overflow, or -inf inputs): that is NaN, as the reference's
+// softmax gives, not a row without keys (zeros). Only called on that rare path.
+inline bool sees_a_key(const Prob& P, int64_t b, int64_t lim) {
+  const int64_t end = std::min(P.Sk, lim + 1);
+  if (end <= 0) return false;
+  if (!P.mask) return true;
+  const uint8_t* m = P.mask + b * P.msb;
+  for (int64_t j = 0; j < end; ++j)
+    if (m[j]) return true;
+  return false;
+}
 
 inline RowPos row_pos(const Prob& P, int64_t b, int64_t g, int64_t r) {
   const int64_t h = g * P.rep + r / P.Sq, i = r % P.Sq;
@@ -155,26 +170,9 @@ inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline float vhmax(V x) { return _mm512_reduce_max_ps(x); }
 inline float vhsum(V x) { return _mm512_reduce_add_ps(x); }
 
-// e^x with a Cody-Waite reduction: n = round(x log2 e), r = x - n ln2 (two FMAs, exact to
-// ~2^-35), e^r by a degree-6 minimax-fitted polynomial on |r| <= ln2/2 (1 + r + r^2 q(r),
-// relative error < 4e-9 before rounding).
-// x < -87.3 (and -inf, NaN) gives exactly 0, never a denormal. For x <= 0 only (softmax
-// arguments): no upper clamp; lanes outside the range compute garbage that the mask drops.
-inline V vexp(V x) {
-  const __mmask16 ok = _mm512_cmp_ps_mask(x, vset1(-87.3f), _CMP_GE_OQ);
-  const V n = _mm512_roundscale_ps(vmul(x, vset1(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  V r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-  V p = vset1(1.3753952791e-3f);
-  p = vfma(p, r, vset1(8.3689104519e-3f));
-  p = vfma(p, r, vset1(4.1669487155e-2f));
-  p = vfma(p, r, vset1(1.6666518524e-1f));
-  p = vfma(p, r, vset1(4.9999988789e-1f));
-  p = vfma(p, r, vset1(1.f));
-  p = vfma(p, r, vset1(1.f));
-  return _mm512_maskz_scalef_ps(ok, p, n);
-}
+// e^x: the one vector exp of lathe (vec_math.h). NaN stays NaN (a NaN score makes its row NaN),
+// x < -87.3 (and -inf: masked keys) gives exactly 0.
+inline V vexp(V x) { return exp_avx512(x); }
 
 inline V vsafe(V m) {  // a running max of -inf (nothing seen yet) is used as 0
   return _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(m, vset1(kNegInf), _CMP_EQ_OQ), vzero());
@@ -316,23 +314,7 @@ inline float vhsum(V x) {
   return _mm_cvtss_f32(s);
 }
 
-inline V vexp(V x) {  // as the AVX-512 one (x <= 0); 2^n is built in the exponent field
-  const V ok = _mm256_cmp_ps(x, vset1(-87.3f), _CMP_GE_OQ);
-  const V n = _mm256_round_ps(vmul(x, vset1(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  V r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-  V p = vset1(1.3753952791e-3f);
-  p = vfma(p, r, vset1(8.3689104519e-3f));
-  p = vfma(p, r, vset1(4.1669487155e-2f));
-  p = vfma(p, r, vset1(1.6666518524e-1f));
-  p = vfma(p, r, vset1(4.9999988789e-1f));
-  p = vfma(p, r, vset1(1.f));
-  p = vfma(p, r, vset1(1.f));
-  // n in [-126, 0] on the lanes kept: 2^n is a normal float
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), ok);
-}
+inline V vexp(V x) { return exp_avx2(x); }  // vec_math.h, as the AVX-512 one
 
 inline V vsafe(V m) { return _mm256_blendv_ps(m, vzero(), _mm256_cmp_ps(m, vset1(kNegInf), _CMP_EQ_OQ)); }
 inline V vmul_f64(V o, double s) {
@@ -423,6 +405,11 @@ namespace {
 
 // ============================================================================ scalar body
 constexpr int kScalarTile = 64;
+constexpr double kF32Max = std::numeric_limits<float>::max();
+
+inline double f32_range(double x) {  // beyond fp32's range: +-Inf, as an fp32 result would be
+  return std::fabs(x) > kF32Max ? std::copysign(std::numeric_limits<double>::infinity(), x) : x;
+}
 
 void run_scalar(const Prob& P, int nthreads) {
   const int64_t total = P.B * P.Hq * P.Sq;
@@ -436,7 +423,7 @@ void run_scalar(const Prob& P, int nthreads) {
     const int64_t qoff = b * P.sq[0] + h * P.sq[1] + i * P.sq[2];
     const double scale = static_cast<double>(P.qscale) * P.sscale;
     for (int64_t d = 0; d < P.D; ++d) {
-      q[d] = load_elem(P, P.q, qoff + d) * scale;
+      q[d] = load_elem(P, P.q, qoff + d);  // the scale comes after the dot, as in fp32
       o[d] = 0.0;
     }
     const int64_t lim = P.causal ? i + P.Sk - P.Sq : P.Sk - 1;
@@ -444,6 +431,7 @@ void run_scalar(const Prob& P, int nthreads) {
     const uint8_t* mrow = P.mask ? P.mask + b * P.msb : nullptr;
     const double ninf = -std::numeric_limits<double>::infinity();
     double m = ninf, l = 0.0;
+    bool nan_score = false, seen = false;
     for (int64_t j0 = 0; j0 < kend; j0 += kScalarTile) {
       const int nk = static_cast<int>(std::min<int64_t>(kScalarTile, kend - j0));
       double mx = ninf;
@@ -453,10 +441,23 @@ void run_scalar(const Prob& P, int nthreads) {
           s[jj] = ninf;
           continue;
         }
+        seen = true;
         const int64_t koff = b * P.sk[0] + g * P.sk[1] + j * P.sk[2];
         double acc = 0.0;
-        for (int64_t d = 0; d < P.D; ++d) acc += q[d] * load_elem(P, P.k, koff + d);
+        bool pinf = false, minf = false;
+        for (int64_t d = 0; d < P.D; ++d) {
+          const double t = q[d] * load_elem(P, P.k, koff + d);
+          pinf |= t > kF32Max;
+          minf |= t < -kF32Max;
+          acc += t;
+        }
+        // Scores as fp32 holds them (the other bodies and the reference compute in fp32): a
+        // product or a sum beyond its range is +-Inf (both signs: NaN), never a finite double.
+        if (acc == acc && (pinf || minf)) acc = pinf && minf ? std::numeric_limits<double>::quiet_NaN()
+                                                             : pinf ? -ninf : ninf;
+        acc = f32_range(f32_range(acc) * scale);
         s[jj] = acc;
+        nan_score |= acc != acc;  // std::max drops NaN: remember it (the row is NaN)
         mx = std::max(mx, acc);
       }
       const double mn = std::max(m, mx);
@@ -474,7 +475,9 @@ void run_scalar(const Prob& P, int nthreads) {
       m = mn;
     }
     const int64_t ooff = b * P.so[0] + h * P.so[1] + i * P.so[2];
-    for (int64_t d = 0; d < P.D; ++d) store_elem(P, ooff + d, l > 0.0 ? static_cast<float>(o[d] / l) : 0.f);
+    const float qnan = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t d = 0; d < P.D; ++d)
+      store_elem(P, ooff + d, nan_score || (l == 0.0 && seen) ? qnan : l != 0.0 ? static_cast<float>(o[d] / l) : 0.f);
   }
 }
 
@@ -516,8 +519,12 @@ void combine(const Prob& P, const Plan& L, int nthreads) {
     for (int lane = 0; lane < nr; ++lane) {
       const RowPos rp = row_pos(P, b, g, r0 + lane);
       float M = kNegInf;
-      for (int64_t s = 0; s < L.nsplit; ++s)
-        M = std::max(M, L.part_ml[((u * L.nsplit + s) * L.RB + lane) * 2]);
+      bool nan_part = false;  // std::max drops NaN: a NaN partial max or sum makes the row NaN
+      for (int64_t s = 0; s < L.nsplit; ++s) {
+        const float* ml = L.part_ml + ((u * L.nsplit + s) * L.RB + lane) * 2;
+        nan_part |= ml[0] != ml[0] || ml[1] != ml[1];
+        M = std::max(M, ml[0]);
+      }
       std::fill(acc, acc + P.D, 0.f);
       float lsum = 0.f;
       if (M != kNegInf) {
@@ -530,7 +537,10 @@ void combine(const Prob& P, const Plan& L, int nthreads) {
           for (int64_t d = 0; d < P.D; ++d) acc[d] += w * os[d];
         }
       }
-      for (int64_t d = 0; d < P.D; ++d) store_elem(P, rp.ooff + d, lsum > 0.f ? acc[d] / lsum : 0.f);
+      const float qnan = std::numeric_limits<float>::quiet_NaN();
+      for (int64_t d = 0; d < P.D; ++d)
+        store_elem(P, rp.ooff + d, nan_part || (lsum == 0.f && sees_a_key(P, b, rp.lim)) ? qnan
+                                   : lsum != 0.f ? acc[d] / lsum : 0.f);
     }
   }
 }

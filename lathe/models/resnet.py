@@ -90,7 +90,7 @@ def random_checkpoint(config: dict, out, seed: int = 0):
 
     from safetensors.torch import save_file
 
-    from lathe.compress.checkpoint import atomic_dir
+    from lathe.io import atomic_dir
 
     torch.manual_seed(seed)
     m = ResNet(config)
