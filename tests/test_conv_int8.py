@@ -9,9 +9,10 @@ from lathe.kernels.dispatch import use_backend
 
 C_ = pytest.importorskip("lathe._C")
 from lathe.kernels.cpu import best_isa, force_isa  # noqa: E402
+from lathe.kernels import cpu as cpu_levels  # noqa: E402
 
 ISAS = ["scalar", "avx2", "avx512_vnni"]
-RANK = {n: i for i, n in enumerate(ISAS)}
+RANK = {n: i for i, n in enumerate(cpu_levels.ISAS)}  # every level, avx512_bf16 and amx too
 
 
 def _isa(isa):
