@@ -111,8 +111,10 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
 
     import lathe
 
+    from lathe.integrations import hf_files
+
     out = Path(out)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = hf_files.state_dict(model)
     manifest = {
         "format_version": FORMAT_VERSION,
         "lathe_version": lathe.__version__,
@@ -120,7 +122,7 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model_type": src.model_type,
         "recipe": recipe,
-        "source": {"path": str(src.path), "sha256": source_hash(src)},
+        "source": {"path": str(src.path.resolve()), "sha256": source_hash(src)},
         **_lineage(src),
         "transforms": list(getattr(model, "applied_transforms", [])),
         "modules": describe_modules(model),
@@ -128,15 +130,23 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
                     for k, v in sd.items()},
         "report": report or {},
     }
+    # transformers reads the output through lathe's quantizer, and refuses it without lathe
+    sentinel = hf_files.pick_sentinel(sd, manifest["modules"]) if manifest["modules"] else None
+    if sentinel:
+        manifest["sentinel"] = sentinel
+        sd[sentinel] = sd[sentinel][None]
     with atomic_dir(out) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", "lathe": "1"})
         for name in COPY:
             if (src.path / name).is_file():
                 shutil.copy2(src.path / name, tmp / name)
+        hf_files.carry_files(src.path, tmp)
         config = getattr(model, "config", None)
-        if isinstance(config, dict) and config != src.config:
-            # structured pruning changed the shapes: build_model reads them from here
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        config = dict(config) if isinstance(config, dict) and config != src.config else dict(src.config)
+        # structured pruning changed the shapes: build_model reads them from here
+        if manifest["modules"] or manifest["transforms"]:
+            config["quantization_config"] = hf_files.quantization_config(manifest, sentinel)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         # The manifest goes last: its presence marks a complete compressed checkpoint.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
@@ -146,8 +156,12 @@ def build_model(src: Source, device="cpu") -> nn.Module:
     """Rebuild the model from a source (HF or compressed): build on the meta device, swap in
     the quantized modules the manifest names, load the tensors with assign=True (no copy)."""
     from lathe.compress.modules import QUANT_MODULES
+    from lathe.integrations import hf_files
     from lathe.models import model_class
 
+    if hf_files.is_generic(src.config):  # any other transformers model (lathe.models.generic)
+        from lathe.models.generic import load_source
+        return load_source(src, device)
     cls = model_class(src.config)
     with torch.device("meta"):
         model = cls(src.config)
@@ -169,7 +183,7 @@ def build_model(src: Source, device="cpu") -> nn.Module:
             setattr(owner, leaf, qcls(**entry["args"]))
             if entry["args"].get("act") not in (None, "none") and hasattr(owner, "act_fused"):
                 owner.act_fused = True
-    tensors = read_tensors(src)
+    tensors = hf_files.unsentinel(read_tensors(src), src.manifest)
     want = model.state_dict()
     missing = [k for k in want if k not in tensors]
     if missing:
