@@ -163,6 +163,9 @@ class GenericAdapter:
         keep = getattr(self, "_keep_in_fp32_modules", None) or ()
         return any(name == k or name.endswith("." + k) for k in keep)
 
+    def check_supported(self):
+        check_supported(self)
+
     @property
     def prune_spec(self):
         return None  # structured pruning needs a fast adapter; unstructured works on any Linear
@@ -355,3 +358,37 @@ def build_meta(config: dict) -> nn.Module:
     with torch.device("meta"):
         model = cls._from_config(hf_config(config), dtype=torch.float32)
     return adapt(model)
+
+
+# ----------------------------------------------------------------------------- vision inputs
+
+
+def takes_pixels(config: dict) -> bool:
+    """True for a model whose input is pixel_values (ViT, ...), not token ids."""
+    from lathe.models import FAMILIES
+
+    if config.get("model_type") in FAMILIES:
+        return False
+    try:
+        return getattr(hf_class(config), "main_input_name", "input_ids") == "pixel_values"
+    except BadInput:
+        return False
+
+
+def image_batches(config: dict, n: int = 32, batch_size: int = 8, seed: int = 0) -> list:
+    """Synthetic images for calibration and quick quality checks of vision models: lathe ships
+    no image data, so these are seeded smooth colour fields with noise, normalised as image
+    processors do (about zero mean, unit range). They exercise every layer; they are not a
+    substitute for real images when calibration statistics matter (pass your own batches)."""
+    size = config.get("image_size") or 224
+    size = size if isinstance(size, int) else size[0]
+    ch = config.get("num_channels") or 3
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch_size):
+        b = min(batch_size, n - i)
+        low = torch.rand(b, ch, 4, 4, generator=g)
+        img = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+        img = img + 0.1 * torch.randn(b, ch, size, size, generator=g)
+        out.append({"pixel_values": (img - 0.5) / 0.5})
+    return out
