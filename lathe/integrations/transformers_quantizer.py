@@ -95,32 +95,45 @@ def _quant_names():
     return set(QUANT_MODULES)
 
 
+# lathe's fast adapters fuse q/k/v into one module (transform fuse_qkv); transformers' attention
+# reads three, so the fused module is loaded as it is stored and split by rows afterwards (exact:
+# every quantized format here is per output row)
+FUSED = {"qkv": ("query", "key", "value"), "qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
+
 def replay(model: nn.Module, qc: dict, meta: bool = True):
     """On the (meta) model: the recorded transforms, then the quantized modules, then the
-    sentinel's stored shape."""
+    sentinel's stored shape. Returns nothing; remembers fused modules to split in finish()."""
     from lathe.compress.modules import QUANT_MODULES
     from lathe.errors import BadInput
     from lathe.models.generic import apply_transform
 
     for t in qc.get("transforms") or []:
-        apply_transform(model, t)
+        if t != "fuse_qkv":  # undone by the split below
+            apply_transform(model, t)
+    splits = []
     for name, entry in (qc.get("modules") or {}).items():
         qcls = QUANT_MODULES.get(entry.get("class"))
-        if qcls is None:
-            from lathe.compress.config import ensure_registered
-            ensure_registered()
-            qcls = QUANT_MODULES.get(entry.get("class"))
         if qcls is None:
             raise BadInput(f"quantization_config names unknown lathe module class {entry.get('class')!r}")
         parent, _, leaf = name.rpartition(".")
         try:
             owner = model.get_submodule(parent) if parent else model
-            getattr(owner, leaf)
         except AttributeError:
-            raise BadInput(f"quantization_config names module {name!r} that {type(model).__name__} lacks "
-                           "(an output of one of lathe's fast adapters with fused layers: load it with lathe.load)") from None
+            owner = None
+        parts = FUSED.get(leaf, ())
+        if owner is not None and not hasattr(owner, leaf) and parts and all(hasattr(owner, p) for p in parts):
+            splits.append((parent, leaf, parts, [getattr(owner, p).out_features for p in parts]))
+            for p in parts:  # their tensors are in the fused one: not "missing"
+                delattr(owner, p)
+        elif owner is None or not hasattr(owner, leaf):
+            raise BadInput(f"quantization_config names module {name!r} that {type(model).__name__} lacks")
+        args = dict(entry["args"])
+        if args.get("act") not in (None, "none"):
+            args["act"] = "none"  # lathe's adapter fused the activation; transformers applies it itself
         with torch.device("meta") if meta else torch.device("cpu"):
-            setattr(owner, leaf, qcls(**entry["args"]))
+            setattr(owner, leaf, qcls(**args))
+    model._lathe_splits = splits
     s = qc.get("sentinel")
     if s:
         owner, leaf = _owner(model, s)
@@ -128,8 +141,31 @@ def replay(model: nn.Module, qc: dict, meta: bool = True):
         setattr(owner, leaf, nn.Parameter(torch.empty((1, *p.shape), device="meta"), requires_grad=False))
 
 
+def split_rows(m: nn.Module, sizes: list) -> list:
+    """A quantized module cut into modules of `sizes` output rows (per-row tensors sliced,
+    per-input ones such as SmoothQuant's vector shared)."""
+    out, start = [], 0
+    for n in sizes:
+        part = type(m)(**{**m.manifest_args(), "out_features": n})
+        for bname, b in m.named_buffers(recurse=False):
+            if b is None or bname.startswith("_") or bname not in dict(part.named_buffers(recurse=False)):
+                continue
+            rows = bname != "smooth" and b.dim() >= 1 and b.shape[0] == m.out_features
+            setattr(part, bname, b[start:start + n].clone() if rows else b.clone())
+        out.append(part)
+        start += n
+    return out
+
+
 def finish(model: nn.Module, qc: dict):
-    """After the weights are read: the sentinel back to its shape, kernels' packed layouts."""
+    """After the weights are read: fused modules split, the sentinel back to its shape, the
+    kernels' packed layouts."""
+    for parent, leaf, parts, sizes in getattr(model, "_lathe_splits", []):
+        owner = model.get_submodule(parent) if parent else model
+        for p, mod in zip(parts, split_rows(getattr(owner, leaf), sizes)):
+            setattr(owner, p, mod)
+        delattr(owner, leaf)
+    model._lathe_splits = []
     s = qc.get("sentinel")
     if s:
         owner, leaf = _owner(model, s)
