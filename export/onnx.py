@@ -205,11 +205,21 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
             raise BadInput("--slim needs the onnxslim package: pip install onnxslim") from None
     source = open_source(src)
     out = writable_parent(out)
+    from lathe.export.folder import is_folder_target, write_folder
+    if is_folder_target(out):  # an Optimum-style folder: model.onnx, config.json, tokenizer
+        kw = dict(target=target, opset=opset, validate=validate, batch=batch, seq=seq, calib=calib,
+                  int8_mode=int8_mode, accuracy_level=accuracy_level, external_data=external_data,
+                  slim=slim, calib_method=calib_method)
+        return write_folder(source, out, lambda p: export_onnx(src, p, **kw))
     model = lathe.load(source.path)
     need = needs_opset(model, target)
     if opset is not None and opset < need:
         raise BadInput(f"opset {opset} is too old for this model's quantized modules: it needs {need}")
     opset = max(opset or 18, need)
+    if getattr(model, "lathe_generic", False):  # any other transformers model
+        from lathe.export.generic import export_generic
+        return export_generic(model, source, out, target, opset, validate, int8_mode, accuracy_level,
+                              external_data, slim)
     if source.model_type == "llama":
         from lathe.export.decoder import export_decoder
         return export_decoder(model, source, out, target, opset, validate, accuracy_level,

@@ -194,7 +194,9 @@ def _bench(a):
     from lathe import benchflow
     from lathe.source import open_source
 
-    if Path(a.target).is_dir() and open_source(a.target).model_type == "llama":
+    from lathe.models.generic import is_decoder_config
+
+    if Path(a.target).is_dir() and is_decoder_config(open_source(a.target).config):
         return _bench_decoder(a)
     backends = tuple(a.backend.split(",")) if a.backend else benchflow.DEFAULT
     doc = benchflow.run(a.target, Path(a.out), backends, a.batch, a.seq, a.min_runs, a.min_seconds,

@@ -40,6 +40,15 @@ def _encoder_quality(ref, test, tok, n_sentences: int) -> dict:
             "n": s["n_sentences"]}
 
 
+def _image_quality(ref, test, batches) -> dict:
+    from lathe.bench.quality import cosine_stats
+
+    e = [torch.cat([m(**b).float().mean(1) for b in batches]) for m in (ref, test)]
+    s = cosine_stats(*e)
+    return {"metric": "min cosine", "fp32": 1.0, "value": s["min_cos"], "mean_cos": s["mean_cos"],
+            "n": s["n_sentences"]}
+
+
 def _decoder_quality(ref, test, src_path) -> dict:
     from lathe.bench.perplexity import heldout_texts, perplexity
 
@@ -63,8 +72,14 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
            "backend": (comp.manifest or {}).get("report", {}).get("backend", "lathe"),
            "size_src": weights_bytes(source.path), "size_out": weights_bytes(comp.path)}
     row["size_ratio"] = row["size_out"] / row["size_src"]
+    from lathe.models.generic import image_batches, is_decoder_config, takes_pixels
+
     with torch.inference_mode():
-        if source.model_type == "llama":
+        if takes_pixels(source.config):  # vision: embeddings of synthetic images (no image data offline)
+            row["quality"] = _image_quality(ref, test, image_batches(source.config, n_sentences))
+            inputs = image_batches(source.config, 8, 8, seed=1)[0]
+            row["shape"] = "b8 images"
+        elif is_decoder_config(source.config):
             row["quality"] = _decoder_quality(ref, test, source.path)
             tok = text.Tokenizer(source.path)
             x = tok(text.eval_sentences()[:1], seq_len=128)
