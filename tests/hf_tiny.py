@@ -8,7 +8,7 @@ import torch
 
 VOCAB = 320
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-              vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+              vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
 TOK = dict(bos_token_id=1, eos_token_id=2)
 
 
@@ -20,14 +20,14 @@ def _configs():
         "mistral": (t.MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=None), t.MistralForCausalLM),
         "phi3": (t.Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0), t.Phi3ForCausalLM),
         "gemma2": (t.Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=16), t.Gemma2ForCausalLM),
-        "gpt2": (t.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=VOCAB, n_positions=256, **TOK),
+        "gpt2": (t.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=VOCAB, n_positions=512, **TOK),
                  t.GPT2LMHeadModel),
         "opt": (t.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                            vocab_size=VOCAB, max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=0, **TOK),
+                            vocab_size=VOCAB, max_position_embeddings=512, word_embed_proj_dim=64, pad_token_id=0, **TOK),
                 t.OPTForCausalLM),
         "distilbert": (t.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=VOCAB,
-                                          max_position_embeddings=256, pad_token_id=0), t.DistilBertModel),
-        "roberta": (t.RobertaConfig(**{**COMMON, "max_position_embeddings": 258}, pad_token_id=1), t.RobertaModel),
+                                          max_position_embeddings=512, pad_token_id=0), t.DistilBertModel),
+        "roberta": (t.RobertaConfig(**{**COMMON, "max_position_embeddings": 514}, pad_token_id=1), t.RobertaModel),
         "vit": (t.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                             image_size=32, patch_size=8), t.ViTModel),
         "t5": (t.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=VOCAB,

@@ -392,3 +392,14 @@ def image_batches(config: dict, n: int = 32, batch_size: int = 8, seed: int = 0)
         img = img + 0.1 * torch.randn(b, ch, size, size, generator=g)
         out.append({"pixel_values": (img - 0.5) / 0.5})
     return out
+
+
+def reference_model(path) -> nn.Module:
+    """transformers' own model for a Hugging Face directory, fp32, eval: the anchor benches and
+    tests compare against (BertModel for MiniLM, Qwen2ForCausalLM, ...)."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    with _quiet():
+        return hf_class(cfg).from_pretrained(str(path), dtype=torch.float32).eval()
