@@ -61,12 +61,12 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     """Measure the row of the table for compressed directory `out` made from `src`."""
     import lathe
     from lathe import text
-    from lathe.source import open_source
+    from lathe.source import open_source, recorded_source
 
     comp = open_source(out)
     source = open_source(src)
     if source.is_compressed:  # a chained run (pruned -> int8): compare with the original model
-        source = open_source(source.manifest["source"]["path"])
+        source = recorded_source(source)
     ref, test = lathe.load(source.path), lathe.load(comp.path)
     row = {"recipe": (comp.manifest or {}).get("recipe", {}).get("name", "?"),
            "backend": (comp.manifest or {}).get("report", {}).get("backend", "lathe"),

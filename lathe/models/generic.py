@@ -203,8 +203,8 @@ class GenericAdapter:
         kw = {k: v for k, v in kw.items() if k in params and v is not None}
         if "use_cache" in params:
             kw["use_cache"] = use_cache
-        if past_key_values is not None:
-            kw["past_key_values"] = past_key_values
+        if past_key_values is not None:  # transformers 5 names the cache `cache`, older ones past_key_values
+            kw["cache" if "cache" in params else "past_key_values"] = past_key_values
         if "return_dict" in params:
             kw["return_dict"] = True
         out = base.forward(self, *args, **kw)
@@ -214,7 +214,9 @@ class GenericAdapter:
             y = out.last_hidden_state
         else:
             y = out[0]
-        return (y, out.past_key_values) if use_cache else y
+        if not use_cache:
+            return y
+        return y, (getattr(out, "cache", None) if "cache" in params else out.past_key_values)
 
 
 def _base(model) -> type:
