@@ -201,6 +201,9 @@ class GenericAdapter:
         base = _base(self)
         params = _forward_params(base)
         kw = {k: v for k, v in kw.items() if k in params and v is not None}
+        if not getattr(self.config, "type_vocab_size", None):
+            # lathe's tokenizer always gives token_type_ids; GPT-2 would add wte[0] for them
+            kw.pop("token_type_ids", None)
         if "use_cache" in params:
             kw["use_cache"] = use_cache
         if past_key_values is not None:  # transformers 5 names the cache `cache`, older ones past_key_values
