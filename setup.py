@@ -133,10 +133,12 @@ EXTRAS = {
     "modelopt": ["nvidia-modelopt>=0.47", "requests"],
     # compressed-tensors: only to validate lathe's vLLM export against its own models (tests)
     "vllm": ["compressed-tensors>=0.20"],
+    # sentence-transformers: tests that it loads lathe's outputs (lathe.integrations)
+    "hf": ["sentence-transformers>=3"],
     "tensorrt": ["tensorrt>=10"],  # from NVIDIA's package index (pypi.nvidia.com)
     "test": ["pytest>=7", "hypothesis>=6"],
 }
-EXTRAS["all"] = sorted({r for k in ("onnx", "bench", "test", "modelopt", "vllm") for r in EXTRAS[k]})
+EXTRAS["all"] = sorted({r for k in ("onnx", "bench", "test", "modelopt", "vllm", "hf") for r in EXTRAS[k]})
 
 setup(
     name="lathe",

@@ -87,7 +87,7 @@ def test_fast_adapter_output_loads_in_transformers(minilm_int8):
 
 
 def test_sentence_transformers_loads_output(minilm, minilm_int8):
-    from sentence_transformers import SentenceTransformer
+    SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTransformer
 
     from lathe import text
 
