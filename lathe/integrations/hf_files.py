@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 # files and folders copied from the source beside the weights (whatever of them exist)
@@ -82,21 +81,4 @@ def is_generic(config: dict) -> bool:
     return config.get("model_type") not in FAMILIES
 
 
-def retie(model: nn.Module):
-    """Tied weights (lm_head = embedding) share their tensor again after assign-loading."""
-    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
-        try:
-            so, sl = _owner(model, source)
-            to, tl = _owner(model, target)
-        except AttributeError:
-            continue
-        if isinstance(getattr(to, tl, None), nn.Parameter):
-            setattr(to, tl, getattr(so, sl))
-
-
-def _owner(model, name):
-    parent, _, leaf = name.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), leaf
-
-
-__all__ = ["carry_files", "state_dict", "pick_sentinel", "quantization_config", "unsentinel", "torch"]
+__all__ = ["carry_files", "state_dict", "pick_sentinel", "quantization_config", "unsentinel", "is_generic"]
