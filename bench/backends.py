@@ -55,13 +55,14 @@ def make(spec: Spec) -> Backend:
         raise BadInput(f"unknown backend kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
     dev = spec.device
     if spec.kind == "torch":
-        from transformers import BertModel
+        from lathe.models.generic import reference_model
 
-        m = BertModel.from_pretrained(spec.path).eval().to(dev)
+        m = reference_model(spec.path).to(dev)  # transformers' own class for the checkpoint, fp32
 
         def run(b):
             with torch.inference_mode():
-                return m(**_to(b, dev)).last_hidden_state.float().cpu()
+                out = m(**_to(b, dev))
+                return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float().cpu()
     elif spec.kind in ("lathe", "compile"):
         import lathe
 

@@ -63,11 +63,11 @@ def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs
     import lathe
     from lathe.bench.machine import describe
     from lathe.bench.perplexity import as_tokenizers, heldout_texts, perplexity
-    from lathe.source import open_source
+    from lathe.source import open_source, recorded_source
 
     tgt = open_source(target)
     check_lengths(tgt.config, prompt_len, gen_len)
-    src = open_source(tgt.manifest["source"]["path"]) if tgt.is_compressed else tgt
+    src = recorded_source(tgt) if tgt.is_compressed else tgt
     tok = as_tokenizers(src.path)
     texts = heldout_texts(16)
     doc = {"schema_version": SCHEMA_VERSION, "kind": "decoder", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -51,8 +51,10 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
 
     import lathe
 
+    from lathe.integrations import hf_files
+
     out = Path(out)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = hf_files.state_dict(model)
     manifest = {
         "format_version": FORMAT_VERSION,
         "lathe_version": lathe.__version__,
@@ -60,7 +62,7 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model_type": src.model_type,
         "recipe": recipe,
-        "source": {"path": str(src.path), "sha256": source_hash(src)},
+        "source": {"path": str(src.path.resolve()), "sha256": source_hash(src)},
         **_lineage(src),
         "transforms": list(getattr(model, "applied_transforms", [])),
         "modules": describe_modules(model),
@@ -68,15 +70,23 @@ def save(model: nn.Module, src: Source, out, recipe: dict, report: dict | None =
                     for k, v in sd.items()},
         "report": report or {},
     }
+    # transformers reads the output through lathe's quantizer, and refuses it without lathe
+    sentinel = hf_files.pick_sentinel(sd, manifest["modules"]) if manifest["modules"] else None
+    if sentinel:
+        manifest["sentinel"] = sentinel
+        sd[sentinel] = sd[sentinel][None]
     with atomic_dir(out) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", "lathe": "1"})
         for name in COPY:
             if (src.path / name).is_file():
                 shutil.copy2(src.path / name, tmp / name)
+        hf_files.carry_files(src.path, tmp)
         config = getattr(model, "config", None)
-        if isinstance(config, dict) and config != src.config:
-            # structured pruning changed the shapes: build_model reads them from here
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        config = dict(config) if isinstance(config, dict) and config != src.config else dict(src.config)
+        # structured pruning changed the shapes: build_model reads them from here
+        if manifest["modules"] or manifest["transforms"]:
+            config["quantization_config"] = hf_files.quantization_config(manifest, sentinel)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         # The manifest goes last: its presence marks a complete compressed checkpoint.
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
@@ -137,8 +147,12 @@ def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
     are converted to it there, once, and each quantized module's prepare(dtype) stores its
     scales/bias in the dtype its kernel reads, so forward converts nothing."""
     from lathe.compress.modules import QUANT_MODULES
+    from lathe.integrations import hf_files
     from lathe.models import model_class
 
+    if hf_files.is_generic(src.config):  # any other transformers model (lathe.models.generic)
+        from lathe.models.generic import load_source
+        return load_source(src, device)
     cls = model_class(src.config)
     with torch.device("meta"):
         model = cls(src.config)
@@ -163,7 +177,7 @@ def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
     device = _check_device(device)
     if dtype is not None and dtype not in LOAD_DTYPES:
         raise BadInput(f"dtype must be one of {', '.join(map(str, LOAD_DTYPES))}, got {dtype}")
-    tensors = read_tensors(src, device)
+    tensors = hf_files.unsentinel(read_tensors(src, device), src.manifest)
     want = model.state_dict()
     check_tensors(src, tensors, want)
     quantized = tuple(f"{n}." for n in (src.manifest or {}).get("modules", {}))

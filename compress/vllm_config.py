@@ -172,6 +172,11 @@ def quantization_config(model: nn.Module) -> dict:
             schemes.setdefault(json.dumps(s, sort_keys=True), (fmt, s))
     if not schemes:
         raise BadInput("the checkpoint has no quantized Linear to describe")
+    # a causal LM's head is a Linear to transformers and vLLM even when lathe ties it to the
+    # embedding (no module here): unquantized, it must be named, or it is read as quantized
+    if "lm_head" not in ignore and not any(n == "lm_head" for n, _ in model.named_modules()) \
+            and _has_lm_head(model):
+        ignore.append("lm_head")
     fmts = {f for f, _ in schemes.values()}
     groups = {f"group_{i}": {"targets": ["Linear"], **s, "format": f}
               for i, (f, s) in enumerate(schemes.values())}
@@ -179,6 +184,12 @@ def quantization_config(model: nn.Module) -> dict:
         raise BadInput("the checkpoint mixes quantization schemes; one scheme per export is supported")
     return {"quant_method": "compressed-tensors", "format": fmts.pop(), "quantization_status": "compressed",
             "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}
+
+
+def _has_lm_head(model) -> bool:
+    c = getattr(model, "config", None)
+    arch = (c.get("architectures") if isinstance(c, dict) else getattr(c, "architectures", None)) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch)
 
 
 def export_compressed_tensors(src, out) -> Path:

@@ -113,6 +113,10 @@ class _Stop(Exception):
 
 def find_blocks(model: nn.Module):
     """(path, ModuleList) of the model's repeated blocks, or None."""
+    if callable(getattr(model, "blocks", None)):  # the adapter knows (lathe.models.generic)
+        found = model.blocks()
+        if found:
+            return found
     for p in BLOCK_PATHS:
         try:
             m = model.get_submodule(p)

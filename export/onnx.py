@@ -209,9 +209,14 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
     if opset is not None and opset > MAX_OPSET:
         raise BadInput(f"opset {opset} is newer than lathe exports (18 to {MAX_OPSET})")
     source = open_source(src)
+    from lathe.export.folder import is_folder_target, write_folder
+    args = (target, opset, validate, batch, seq, calib, int8_mode, accuracy_level, external_data, slim,
+            calib_method)
+    if is_folder_target(out):  # an Optimum-style folder: model.onnx, config.json, tokenizer
+        with claim(out, "onnx-folder", [source.path], force, is_dir=True) as out:
+            return write_folder(source, out, lambda p: _export(source, p, *args))
     with claim(out, "onnx", [source.path], force, is_dir=False) as out:
-        return _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, accuracy_level,
-                       external_data, slim, calib_method)
+        return _export(source, out, *args)
 
 
 def _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, accuracy_level,
@@ -225,6 +230,10 @@ def _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, 
     if opset is not None and opset < need:
         raise BadInput(f"opset {opset} is too old for this model's quantized modules: it needs {need}")
     opset = max(opset or 18, need)
+    if getattr(model, "lathe_generic", False):  # any other transformers model
+        from lathe.export.generic import export_generic
+        return export_generic(model, source, out, target, opset, validate, int8_mode, accuracy_level,
+                              external_data, slim)
     if source.model_type == "llama":
         from lathe.export.decoder import export_decoder
         return export_decoder(model, source, out, target, opset, validate, accuracy_level,

@@ -48,7 +48,7 @@ def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128,
     from lathe.bench.backends import Spec, ort_quantize_dynamic
     from lathe.bench.encoder import run_grid
     from lathe.export.onnx import export_onnx
-    from lathe.source import default_checkpoint, open_source
+    from lathe.source import default_checkpoint, open_source, recorded_source
 
     unknown = [b for b in backends if b not in ALL]
     if unknown:
@@ -62,7 +62,7 @@ def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128,
         return run_grid(specs, tok_dir, batches, seq, min_runs, min_seconds, max_seconds, None, isolate,
                         threads, config={"target": str(target)})
     tgt = open_source(target)
-    src = open_source(tgt.manifest["source"]["path"]) if tgt.is_compressed else tgt
+    src = recorded_source(tgt) if tgt.is_compressed else tgt
     workdir.mkdir(parents=True, exist_ok=True)
     name = "lathe " + (tgt.manifest["recipe"]["name"] if tgt.is_compressed else "fp32")
     specs = []

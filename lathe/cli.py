@@ -218,7 +218,9 @@ def _bench(a):
     a.target = str(resolve(a.target))
     if a.device != "cpu":  # the GPU benchmark: torch fp16 against lathe (lathe.bench.gpu)
         return _bench_gpu(a)
-    if Path(a.target).is_dir() and open_source(a.target).model_type == "llama":
+    from lathe.models.generic import is_decoder_config
+
+    if Path(a.target).is_dir() and is_decoder_config(open_source(a.target).config):
         return _bench_decoder(a)
     from lathe.bench.vision import RANDOM
     from lathe.vision import is_vision

@@ -26,7 +26,7 @@ from lathe.errors import BadInput
 
 MANIFEST = "lathe_manifest.json"
 # A kind names what lathe writes at an output path; a path holding something else is refused.
-KINDS = ("compressed", "compressed-tensors", "onnx", "engine", "report-dir", "json")
+KINDS = ("compressed", "compressed-tensors", "onnx", "onnx-folder", "engine", "report-dir", "json")
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)(-[0-9a-f]+)?$")
 
 
@@ -189,6 +189,8 @@ def kind_of(path: Path) -> str | None:
                     q = json.loads(cfg.read_text()).get("quantization_config") or {}
                     if isinstance(q, dict) and q.get("quant_method") == "compressed-tensors":
                         return "compressed-tensors"
+            if (path / "model.onnx").is_file() and kind_of(path / "model.onnx") == "onnx":
+                return "onnx-folder"  # lathe export -o DIR (Optimum layout)
             if (path / "report.json").is_file() and kind_of(path / "report.json") == "json":
                 return "report-dir"
             return None

@@ -8,6 +8,14 @@ from lathe.errors import BadInput
 
 def calibration_batches(src_path, calib_file=None, n: int = 128, batch_size: int = 16):
     from lathe import text
+    from lathe.models.generic import image_batches, takes_pixels
+    from lathe.source import open_source
+
+    config = open_source(src_path).config
+    if takes_pixels(config):  # a vision model: synthetic images (see image_batches)
+        if calib_file:
+            raise BadInput("--calib takes text; calibrate a vision model through the Python API (calib=[batches])")
+        return image_batches(config, n=32)
 
     texts = text.read_lines(calib_file) if calib_file else list(text.calibration_texts(n))
     tok = text.Tokenizer(src_path)
@@ -97,6 +105,8 @@ def _compress(source, rec, out, calib, progress, backend) -> Path:
     if source.is_compressed:  # e.g. int8 on a pruned + distilled checkpoint: record both recipes
         rec = Recipe(name=f"{source.manifest['recipe'].get('name', 'parent')}+{rec.name}", steps=rec.steps)
     model = build_model(source)
+    if callable(getattr(model, "check_supported", None)):  # generic: exit 2 naming what it cannot quantize
+        model.check_supported()
     ctx = StepContext(source=source, calib=batches, progress=progress, work_dir=work_dir_for(out),
                       teacher_source=_teacher_source(source, rec))
     reports = [quantize(model, step, batches, progress, ctx) for step in rec.steps]

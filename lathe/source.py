@@ -286,3 +286,34 @@ def original_of(src: Source) -> Source | None:
     except (KeyError, TypeError, BadInput):
         return None
     return orig if not orig.is_compressed and source_hash(orig) == rec.get("sha256") else None
+
+
+def recorded_source(out: Source) -> Source:
+    """The original model compressed output `out` records (manifest source: absolute path and
+    sha256). Where that folder is gone or changed, a folder beside the output with the recorded
+    hash is used (a project moved as a whole); otherwise a BadInput names the path and hash."""
+    rec = (out.manifest or {}).get("source") or {}
+    path, want = rec.get("path"), rec.get("sha256")
+    if not path:
+        raise BadInput(f"{out.path}: the manifest records no source model")
+    p = Path(path)
+    if not p.is_absolute():  # manifests before absolute paths: relative to where lathe ran, or the output
+        p = p if p.exists() else out.path.parent / p
+    try:
+        src = open_source(p)
+        if want is None or source_hash(src) == want:
+            return src
+    except BadInput:
+        pass
+    here = out.path.resolve().parent
+    for cand in sorted(x for x in here.iterdir() if x.is_dir() and x.resolve() != out.path.resolve())[:200]:
+        if not (cand / "config.json").is_file() or (cand / MANIFEST).exists():
+            continue
+        try:
+            c = open_source(cand)
+        except BadInput:
+            continue
+        if want and source_hash(c) == want:
+            return c
+    raise BadInput(f"{out.path}: its source model {path} is missing or changed (sha256 {str(want)[:12]}...), "
+                   f"and no folder beside the output has that hash; move the source back or next to the output")

@@ -45,6 +45,15 @@ def _encoder_quality(ref, test, tok, n_sentences: int) -> dict:
             "n": s["n_sentences"]}
 
 
+def _image_quality(ref, test, batches) -> dict:
+    from lathe.bench.quality import cosine_stats
+
+    e = [torch.cat([m(**b).float().mean(1) for b in batches]) for m in (ref, test)]
+    s = cosine_stats(*e)
+    return {"metric": "min cosine", "fp32": 1.0, "value": s["min_cos"], "mean_cos": s["mean_cos"],
+            "n": s["n_sentences"]}
+
+
 def _decoder_quality(ref, test, src_path) -> dict:
     from lathe.bench.perplexity import heldout_texts, perplexity
 
@@ -60,17 +69,19 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     import lathe
     from lathe import text
     from lathe.models import VISION
-    from lathe.source import open_source
+    from lathe.source import open_source, recorded_source
 
     comp = open_source(out)
     source = open_source(src)
     if source.is_compressed:  # a chained run (pruned -> int8): compare with the original model
-        source = open_source(source.manifest["source"]["path"])
+        source = recorded_source(source)
     ref, test = lathe.load(source.path), lathe.load(comp.path)
     row = {"recipe": (comp.manifest or {}).get("recipe", {}).get("name", "?"),
            "backend": (comp.manifest or {}).get("report", {}).get("backend", "lathe"),
            "size_src": weights_bytes(source.path), "size_out": weights_bytes(comp.path)}
     row["size_ratio"] = row["size_out"] / row["size_src"]
+    from lathe.models.generic import image_batches, is_decoder_config, takes_pixels
+
     with torch.inference_mode():
         if source.model_type in VISION:  # CNNs: top-1 agreement on lathe's image set
             from lathe import images, vision
@@ -80,7 +91,11 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
                               "mean_cos": q["cosine_mean"], "n": q["images"]}
             inputs = {"pixel_values": x[:8]}
             row["shape"] = "b8 224x224"
-        elif source.model_type == "llama":
+        elif takes_pixels(source.config):  # vision: embeddings of synthetic images (no image data offline)
+            row["quality"] = _image_quality(ref, test, image_batches(source.config, n_sentences))
+            inputs = image_batches(source.config, 8, 8, seed=1)[0]
+            row["shape"] = "b8 images"
+        elif is_decoder_config(source.config):
             row["quality"] = _decoder_quality(ref, test, source.path)
             tok = text.Tokenizer(source.path)
             x = tok(text.eval_sentences()[:1], seq_len=128)

@@ -68,9 +68,11 @@ def test_export_round_trips_exactly(recipe, recipes, tmp_path):
         assert g["weights"]["group_size"] == (64 if recipe == "int4-sym" else 128)
         assert ("model.layers.0.self_attn.q_proj.weight_zero_point" in sd) == (recipe == "int4-rtn")
         assert sd["model.layers.0.self_attn.q_proj.weight_packed"].dtype == torch.int32
-    # Linears left in fp32 are listed in `ignore` and keep their weights.
+    # Linears left in fp32 are listed in `ignore` and keep their weights (the decoder's lm_head
+    # is tied to the embedding: listed, with no tensor of its own)
+    assert "lm_head" in cfg["ignore"]
     for n in cfg["ignore"]:
-        assert f"{n}.weight" in sd
+        assert f"{n}.weight" in sd or n == "lm_head"
     # the unquantized tensors are carried unchanged
     assert torch.equal(sd["model.norm.weight"], model.state_dict()["model.norm.weight"])
     _validate_with_compressed_tensors(cfg, sd, want)
