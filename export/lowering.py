@@ -181,6 +181,62 @@ def make_linear_w8a8_ort_fast(exact: set | None = None):
     return linear_w8a8_ort_fast
 
 
+def zero_point_rows(w_q: torch.Tensor) -> int:
+    """How many extra int8 K-rows carry -sum_k W[n, k] (the zero-point correction of
+    linear_w8a8_ort_fused) for this [N, K] int8 weight: each row holds at most 127 in size."""
+    return max(1, -(-int(w_q.to(torch.int32).sum(1).abs().max()) // 127))
+
+
+def make_linear_w8a8_ort_fused(zp_rows: dict):
+    """The default onnxruntime lowering: lathe's own per-token asymmetric math (the kernel's
+    scale, zero point and rounding), run by onnxruntime's fused int8 GEMM.
+
+    Per row m of x [M, K]: s = (max(x, 0) - min(x, 0)) / 255, zp = round(-min / s), exactly as
+    the kernel. MatMulIntegerToFloat (MLAS, prepacked s8 weight) takes only a scalar zero
+    point for its activation but a per-row scale, so the per-row zero point rides in the GEMM
+    itself: x is padded with J zero columns, which QuantizeLinear turns into zp[m], and the
+    weight gets J extra rows whose sum is -sum_k W[n, k] (each within int8, J = zp_rows[name],
+    see zero_point_rows). The GEMM then returns s[m] * w_scale[n] * sum_k (q[m, k] - zp[m]) W[n, k]
+    with no elementwise pass over the [M, N] output besides the bias (folded into BiasGelu, or
+    into the Sum before a LayerNormalization by lathe.export.ort_graph)."""
+    table = _scale_table({k: float(v) for k, v in zp_rows.items()})
+
+    def linear_w8a8_ort_fused(x, w_q, w_scale, bias=None, act: str = "none", smooth=None,
+                              asym: bool = False, w_packed=None, colsum=None):
+        i64 = torch.int64
+        J = int(table[str(w_q.name)])
+        N = w_q.shape[0]
+        if smooth is not None:
+            x = op.Mul(x, smooth)
+        x2 = op.Flatten(x, axis=-1)
+        axes, zero = _c([1], i64), _c(0.0)
+        # a row of zeros gets any positive scale (1e-30 here, 1 in the kernel): both give y = 0
+        if asym:
+            lo = op.Min(op.ReduceMin(x2, axes, keepdims=0), zero)
+            s = op.Div(op.Max(op.Sub(op.Max(op.ReduceMax(x2, axes, keepdims=0), zero), lo), _c(1e-30)), _c(255.0))
+            zp = op.Cast(op.Round(op.Div(op.Neg(lo), s)), to=UINT8)  # in [0, 255] as -lo <= 255 s
+        else:  # symmetric: u8 with zero point 128 on every row, as the kernel
+            s = op.Div(op.Max(op.ReduceMax(op.Abs(x2), axes, keepdims=0), _c(1e-30)), _c(127.0))
+            zp = op.Cast(op.Add(op.Mul(s, zero), _c(128.0)), to=UINT8)
+        q = op.QuantizeLinear(x2, s, zp, axis=0)
+        # J more u8 columns holding zp[m] (the padding that carries the zero point)
+        q = op.Concat(q, op.Expand(op.Unsqueeze(zp, axes), _c([1, J], i64)), axis=1)
+        # the weight as [K + J, N]: W^T, then J rows splitting -colsum evenly (Hermite:
+        # sum_j floor((t + j) / J) = t), each |row| <= ceil(|t| / J) <= 127
+        t = op.Cast(op.Neg(op.ReduceSum(op.Cast(w_q, to=INT32), axes, keepdims=1)), to=FLOAT)
+        parts = op.Floor(op.Div(op.Add(t, _c([[float(j) for j in range(J)]])), _c(float(J))))
+        w_aug = op.Concat(op.Transpose(w_q, perm=[1, 0]),
+                          op.Cast(op.Transpose(parts, perm=[1, 0]), to=ir.DataType.INT8), axis=0)
+        y = msft("MatMulIntegerToFloat", ["A", "B", "a_scale", "b_scale", "a_zero_point?", "b_zero_point?", "bias?"])(
+            q, w_aug, op.Unsqueeze(s, axes), w_scale)
+        y = op.Reshape(y, op.Concat(op.Shape(x, end=-1), _c([N], i64), axis=0))
+        if act == "gelu" and bias is not None:  # one pass: com.microsoft.BiasGelu
+            return msft("BiasGelu", 2)(y, bias)
+        return _epilogue(y, bias, act, ort=True)
+
+    return linear_w8a8_ort_fused
+
+
 def attention_opset23(q, k, v, key_padding_mask=None, causal: bool = False, scale: float | None = None):
     """The standard ONNX Attention op (opset 23). q/k/v are 4-D [B, H, S, D], so no head
     attributes are needed. The bool mask (True = attend) is expanded to [B, 1, Sq, Sk]."""
@@ -243,12 +299,12 @@ def make_linear_w8a8_qdq(act_scales: dict | None):
 
 
 TARGETS = ("onnxruntime", "tensorrt")
-INT8_MODES = ("fast", "hybrid", "exact")
+INT8_MODES = ("fused", "fast", "hybrid", "exact")
 
 
 def translation_table(target: str = "onnxruntime", opset: int = 18, act_scales: dict | None = None,
-                      int8_mode: str = "fast", exact: set | None = None, buffers=None,
-                      accuracy_level: int = 4) -> dict:
+                      int8_mode: str = "fused", exact: set | None = None, buffers=None,
+                      accuracy_level: int = 4, zp_rows: dict | None = None) -> dict:
     """target onnxruntime: dynamic int8 through MatMulInteger, `int8_mode` "fast" (per-tensor,
     fused by onnxruntime into DynamicQuantizeMatMul), "hybrid" (fast, with the modules in
     `exact` on the per-token lowering) or "exact" (lathe's per-token math everywhere);
@@ -263,6 +319,8 @@ def translation_table(target: str = "onnxruntime", opset: int = 18, act_scales: 
         raise ValueError(f"unknown int8 mode {int8_mode!r}: expected one of {', '.join(INT8_MODES)}")
     if target == "tensorrt":
         linear = make_linear_w8a8_qdq(act_scales)
+    elif int8_mode == "fused":
+        linear = make_linear_w8a8_ort_fused(zp_rows or {})
     else:
         linear = (linear_w8a8_ort if int8_mode == "exact"
                   else make_linear_w8a8_ort_fast(exact if int8_mode == "hybrid" else None))
