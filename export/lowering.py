@@ -8,20 +8,24 @@ graph through its op, and the op's lowering emits standard ONNX that runtimes ex
   (checked: MiniLM validates at cosine 1.0); its attn_mask must be [B, 1, Sq, Sk] there (no
   broadcast over Sq), so the key-padding mask is expanded; rows with no real key give zeros, as
   lathe's kernel does. Only recent TensorRT 10.x parsers import it: opset 18 stays the default.
-- linear_w8a8, target onnxruntime, int8_mode "exact": per-token dynamic quantization written
-  out in standard ops (ReduceMin/Max -> per-row scale and zero point -> one per-axis
-  QuantizeLinear to u8), MatMulInteger(u8, s8), the zero-point correction with the weight's
-  column sums, and the fp32 epilogue. The integer math is the kernel's, so onnxruntime
-  reproduces lathe's int8 model, not an approximation; but onnxruntime runs the elementwise
-  ops one by one (slower than its own quantize_dynamic output).
-- linear_w8a8, target onnxruntime, int8_mode "fast" (default): DynamicQuantizeLinear ->
-  MatMulInteger -> Cast -> Mul -> Add, which onnxruntime fuses into DynamicQuantizeMatMul
-  (per-tensor asymmetric u8 activations), GELU as com.microsoft.Gelu. int8_mode "hybrid":
-  the same, but the modules whose activations a per-tensor scale represents badly
-  (calibrated by the exporter; MiniLM's FFN down-projections of layers 0-3) stay exact.
-  MiniLM int8, 300 sentences vs fp32: min cosine fast 0.924, hybrid 0.983, exact 0.994
-  (onnxruntime quantize_dynamic: 0.764); speed on 2 vCPUs: fast <= quantize_dynamic,
-  hybrid about equal (+2-7%), exact 1.2-1.5x slower.
+- linear_w8a8, target onnxruntime, int8_mode "fused" (default): lathe's per-token asymmetric
+  math (the kernel's scale, zero point and rounding) in onnxruntime's fused int8 GEMM,
+  com.microsoft.MatMulIntegerToFloat with a per-row activation scale; the per-row zero point
+  rides in the GEMM as padded columns (see make_linear_w8a8_ort_fused). Quality is lathe's
+  PyTorch int8 model's; speed about onnxruntime's own quantize_dynamic recipes (figures:
+  bench/results/minilm-onnx-int8-cpu.md, and `lathe export --help`).
+- int8_mode "exact": the same math in standard ONNX ops only (ReduceMin/Max -> per-row scale
+  and zero point -> one per-axis QuantizeLinear to u8, MatMulInteger(u8, s8), the zero-point
+  correction with the weight's column sums, the fp32 epilogue): runs on any ONNX runtime, but
+  onnxruntime runs its elementwise ops one by one (slower).
+- int8_mode "fast": DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add, which
+  onnxruntime fuses into DynamicQuantizeMatMul (per-tensor asymmetric u8 activations), GELU as
+  com.microsoft.Gelu. int8_mode "hybrid": the same, but the modules whose activations a
+  per-tensor scale represents badly (calibrated by the exporter; MiniLM's FFN down-projections
+  of layers 0-3) stay exact. Per-tensor activations cost quality (MiniLM, 300 sentences: fast
+  0.92, hybrid 0.98 min cosine against lathe's 0.994).
+- Every onnxruntime graph gets lathe.export.ort_graph.keep_layernorm_unfused (residual sums as
+  Sum, so onnxruntime keeps LayerNormalization instead of its slower SkipLayerNormalization).
 - linear_w8a8, target tensorrt: explicit quantization (QDQ) that TensorRT accepts: symmetric
   int8 QuantizeLinear/DequantizeLinear with zero point 0, per-channel (axis 0) on the weight and
   per-tensor on the activation with a STATIC scale calibrated by the exporter (see
@@ -305,9 +309,10 @@ INT8_MODES = ("fused", "fast", "hybrid", "exact")
 def translation_table(target: str = "onnxruntime", opset: int = 18, act_scales: dict | None = None,
                       int8_mode: str = "fused", exact: set | None = None, buffers=None,
                       accuracy_level: int = 4, zp_rows: dict | None = None) -> dict:
-    """target onnxruntime: dynamic int8 through MatMulInteger, `int8_mode` "fast" (per-tensor,
+    """target onnxruntime: dynamic int8, `int8_mode` "fused" (lathe's per-token math in
+    MatMulIntegerToFloat; `zp_rows` from lathe.export.onnx.zero_point_table), "fast" (per-tensor,
     fused by onnxruntime into DynamicQuantizeMatMul), "hybrid" (fast, with the modules in
-    `exact` on the per-token lowering) or "exact" (lathe's per-token math everywhere);
+    `exact` on the per-token lowering) or "exact" (lathe's per-token math in standard ops);
     target tensorrt: symmetric static QDQ with `act_scales` (see make_linear_w8a8_qdq).
     opset >= 23 lowers attention to the standard Attention op. The weight-only and FP8 ops
     lower as lathe.export.weight_only says (int4 needs `buffers`, a weight_only.Buffers)."""

@@ -184,11 +184,11 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
     calibrated on `calib` (a list of texts; default lathe.text.calibration_texts()). Modules
     compressed with per-token asymmetric activations are exported symmetric (TensorRT accepts
     zero point 0 only), so the graph is validated with the looser "int8-static" tolerance.
-    target "onnxruntime", int8_mode "fast" (default): per-tensor activations that onnxruntime
-    fuses into DynamicQuantizeMatMul (at least as fast as its own quantize_dynamic, better
-    quality); "hybrid": fast with the outlier modules (calibrated) on the exact per-token
-    lowering (close to lathe's quality, about the same speed); "exact": lathe's per-token math
-    everywhere (slower on onnxruntime). See lathe.export.lowering. accuracy_level: MatMulNBits'
+    target "onnxruntime", int8_mode "fused" (default): lathe's per-token math in onnxruntime's
+    fused int8 GEMM (lathe's quality, about the speed of onnxruntime's own int8); "fast":
+    per-tensor activations fused into DynamicQuantizeMatMul (lower quality); "hybrid": fast with
+    the outlier modules (calibrated) per token; "exact": lathe's per-token math in standard ONNX
+    ops only (any runtime; slower on onnxruntime). See lathe.export.lowering. accuracy_level: MatMulNBits'
     (int4 on onnxruntime; 4 = int8 activations, 0 = fp32). opset: default 18, raised to what the
     modules need (21 for blocked int4/int8 DequantizeLinear, 19 for FP8). Llama decoders
     export with their KV cache (lathe.export.decoder). external_data: None = automatic past
