@@ -19,6 +19,8 @@ INT8_MODES_HELP = (
     "fast: per-tensor activations (DynamicQuantizeMatMul): 0.920, 1.23x/1.15x. "
     "hybrid: fast with the calibrated outlier layers per token: 0.984, 1.12x/1.12x. "
     "exact: the fused math in standard ONNX ops only (any runtime): 0.9935, 0.91x/0.93x. "
+    "(Speeds are against onnxruntime's recipes on a standard fp32 graph; on lathe's fp32 export, "
+    "which `lathe bench` uses, they run about 1.2x faster, so fused is about 0.9x there.) "
     "Table: bench/results/minilm-onnx-int8-cpu.md")
 
 EXAMPLES = {
