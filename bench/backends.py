@@ -91,15 +91,27 @@ def make(spec: Spec) -> Backend:
     return Backend(spec.label, run, size_on_disk(spec.path), dev)
 
 
-def ort_quantize_dynamic(fp32_onnx, out_path) -> Path:
-    """The anchor for int8 on CPU: onnxruntime's own quantize_dynamic (per-tensor u8/s8)."""
+# onnxruntime's own int8 recipes, the anchors for int8 on CPU (lathe bench: ort-int8, ort-int8-pc).
+ORT_INT8_RECIPES = {
+    # quantize_dynamic's default: per-tensor u8/s8, and it also quantizes the embedding Gather
+    "ort-int8": ("onnxruntime int8 (quantize_dynamic)", {}),
+    # its better recipe on encoders: per-channel weights, MatMuls only (embeddings stay fp32)
+    "ort-int8-pc": ("onnxruntime int8 per-channel (quantize_dynamic)",
+                    {"per_channel": True, "op_types_to_quantize": ["MatMul"]}),
+}
+
+
+def ort_quantize_dynamic(fp32_onnx, out_path, recipe: str = "ort-int8") -> Path:
+    """An fp32 graph quantized by onnxruntime's quantize_dynamic with one of ORT_INT8_RECIPES."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from lathe.io import atomic_file
 
+    if recipe not in ORT_INT8_RECIPES:
+        raise BadInput(f"unknown onnxruntime int8 recipe {recipe!r}; expected one of {', '.join(ORT_INT8_RECIPES)}")
     logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" warning
     with atomic_file(Path(out_path)) as tmp:
-        quantize_dynamic(str(fp32_onnx), str(tmp), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32_onnx), str(tmp), weight_type=QuantType.QInt8, **ORT_INT8_RECIPES[recipe][1])
     return Path(out_path)

@@ -8,20 +8,24 @@ graph through its op, and the op's lowering emits standard ONNX that runtimes ex
   (checked: MiniLM validates at cosine 1.0); its attn_mask must be [B, 1, Sq, Sk] there (no
   broadcast over Sq), so the key-padding mask is expanded; rows with no real key give zeros, as
   lathe's kernel does. Only recent TensorRT 10.x parsers import it: opset 18 stays the default.
-- linear_w8a8, target onnxruntime, int8_mode "exact": per-token dynamic quantization written
-  out in standard ops (ReduceMin/Max -> per-row scale and zero point -> one per-axis
-  QuantizeLinear to u8), MatMulInteger(u8, s8), the zero-point correction with the weight's
-  column sums, and the fp32 epilogue. The integer math is the kernel's, so onnxruntime
-  reproduces lathe's int8 model, not an approximation; but onnxruntime runs the elementwise
-  ops one by one (slower than its own quantize_dynamic output).
-- linear_w8a8, target onnxruntime, int8_mode "fast" (default): DynamicQuantizeLinear ->
-  MatMulInteger -> Cast -> Mul -> Add, which onnxruntime fuses into DynamicQuantizeMatMul
-  (per-tensor asymmetric u8 activations), GELU as com.microsoft.Gelu. int8_mode "hybrid":
-  the same, but the modules whose activations a per-tensor scale represents badly
-  (calibrated by the exporter; MiniLM's FFN down-projections of layers 0-3) stay exact.
-  MiniLM int8, 300 sentences vs fp32: min cosine fast 0.924, hybrid 0.983, exact 0.994
-  (onnxruntime quantize_dynamic: 0.764); speed on 2 vCPUs: fast <= quantize_dynamic,
-  hybrid about equal (+2-7%), exact 1.2-1.5x slower.
+- linear_w8a8, target onnxruntime, int8_mode "fused" (default): lathe's per-token asymmetric
+  math (the kernel's scale, zero point and rounding) in onnxruntime's fused int8 GEMM,
+  com.microsoft.MatMulIntegerToFloat with a per-row activation scale; the per-row zero point
+  rides in the GEMM as padded columns (see make_linear_w8a8_ort_fused). Quality is lathe's
+  PyTorch int8 model's; speed about onnxruntime's own quantize_dynamic recipes (figures:
+  bench/results/minilm-onnx-int8-cpu.md, and `lathe export --help`).
+- int8_mode "exact": the same math in standard ONNX ops only (ReduceMin/Max -> per-row scale
+  and zero point -> one per-axis QuantizeLinear to u8, MatMulInteger(u8, s8), the zero-point
+  correction with the weight's column sums, the fp32 epilogue): runs on any ONNX runtime, but
+  onnxruntime runs its elementwise ops one by one (slower).
+- int8_mode "fast": DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add, which
+  onnxruntime fuses into DynamicQuantizeMatMul (per-tensor asymmetric u8 activations), GELU as
+  com.microsoft.Gelu. int8_mode "hybrid": the same, but the modules whose activations a
+  per-tensor scale represents badly (calibrated by the exporter; MiniLM's FFN down-projections
+  of layers 0-3) stay exact. Per-tensor activations cost quality (MiniLM, 300 sentences: fast
+  0.92, hybrid 0.98 min cosine against lathe's 0.994).
+- Every onnxruntime graph gets lathe.export.ort_graph.keep_layernorm_unfused (residual sums as
+  Sum, so onnxruntime keeps LayerNormalization instead of its slower SkipLayerNormalization).
 - linear_w8a8, target tensorrt: explicit quantization (QDQ) that TensorRT accepts: symmetric
   int8 QuantizeLinear/DequantizeLinear with zero point 0, per-channel (axis 0) on the weight and
   per-tensor on the activation with a STATIC scale calibrated by the exporter (see
@@ -181,6 +185,62 @@ def make_linear_w8a8_ort_fast(exact: set | None = None):
     return linear_w8a8_ort_fast
 
 
+def zero_point_rows(w_q: torch.Tensor) -> int:
+    """How many extra int8 K-rows carry -sum_k W[n, k] (the zero-point correction of
+    linear_w8a8_ort_fused) for this [N, K] int8 weight: each row holds at most 127 in size."""
+    return max(1, -(-int(w_q.to(torch.int32).sum(1).abs().max()) // 127))
+
+
+def make_linear_w8a8_ort_fused(zp_rows: dict):
+    """The default onnxruntime lowering: lathe's own per-token asymmetric math (the kernel's
+    scale, zero point and rounding), run by onnxruntime's fused int8 GEMM.
+
+    Per row m of x [M, K]: s = (max(x, 0) - min(x, 0)) / 255, zp = round(-min / s), exactly as
+    the kernel. MatMulIntegerToFloat (MLAS, prepacked s8 weight) takes only a scalar zero
+    point for its activation but a per-row scale, so the per-row zero point rides in the GEMM
+    itself: x is padded with J zero columns, which QuantizeLinear turns into zp[m], and the
+    weight gets J extra rows whose sum is -sum_k W[n, k] (each within int8, J = zp_rows[name],
+    see zero_point_rows). The GEMM then returns s[m] * w_scale[n] * sum_k (q[m, k] - zp[m]) W[n, k]
+    with no elementwise pass over the [M, N] output besides the bias (folded into BiasGelu, or
+    into the Sum before a LayerNormalization by lathe.export.ort_graph)."""
+    table = _scale_table({k: float(v) for k, v in zp_rows.items()})
+
+    def linear_w8a8_ort_fused(x, w_q, w_scale, bias=None, act: str = "none", smooth=None,
+                              asym: bool = False, w_packed=None, colsum=None):
+        i64 = torch.int64
+        J = int(table[str(w_q.name)])
+        N = w_q.shape[0]
+        if smooth is not None:
+            x = op.Mul(x, smooth)
+        x2 = op.Flatten(x, axis=-1)
+        axes, zero = _c([1], i64), _c(0.0)
+        # a row of zeros gets any positive scale (1e-30 here, 1 in the kernel): both give y = 0
+        if asym:
+            lo = op.Min(op.ReduceMin(x2, axes, keepdims=0), zero)
+            s = op.Div(op.Max(op.Sub(op.Max(op.ReduceMax(x2, axes, keepdims=0), zero), lo), _c(1e-30)), _c(255.0))
+            zp = op.Cast(op.Round(op.Div(op.Neg(lo), s)), to=UINT8)  # in [0, 255] as -lo <= 255 s
+        else:  # symmetric: u8 with zero point 128 on every row, as the kernel
+            s = op.Div(op.Max(op.ReduceMax(op.Abs(x2), axes, keepdims=0), _c(1e-30)), _c(127.0))
+            zp = op.Cast(op.Add(op.Mul(s, zero), _c(128.0)), to=UINT8)
+        q = op.QuantizeLinear(x2, s, zp, axis=0)
+        # J more u8 columns holding zp[m] (the padding that carries the zero point)
+        q = op.Concat(q, op.Expand(op.Unsqueeze(zp, axes), _c([1, J], i64)), axis=1)
+        # the weight as [K + J, N]: W^T, then J rows splitting -colsum evenly (Hermite:
+        # sum_j floor((t + j) / J) = t), each |row| <= ceil(|t| / J) <= 127
+        t = op.Cast(op.Neg(op.ReduceSum(op.Cast(w_q, to=INT32), axes, keepdims=1)), to=FLOAT)
+        parts = op.Floor(op.Div(op.Add(t, _c([[float(j) for j in range(J)]])), _c(float(J))))
+        w_aug = op.Concat(op.Transpose(w_q, perm=[1, 0]),
+                          op.Cast(op.Transpose(parts, perm=[1, 0]), to=ir.DataType.INT8), axis=0)
+        y = msft("MatMulIntegerToFloat", ["A", "B", "a_scale", "b_scale", "a_zero_point?", "b_zero_point?", "bias?"])(
+            q, w_aug, op.Unsqueeze(s, axes), w_scale)
+        y = op.Reshape(y, op.Concat(op.Shape(x, end=-1), _c([N], i64), axis=0))
+        if act == "gelu" and bias is not None:  # one pass: com.microsoft.BiasGelu
+            return msft("BiasGelu", 2)(y, bias)
+        return _epilogue(y, bias, act, ort=True)
+
+    return linear_w8a8_ort_fused
+
+
 def attention_opset23(q, k, v, key_padding_mask=None, causal: bool = False, scale: float | None = None):
     """The standard ONNX Attention op (opset 23). q/k/v are 4-D [B, H, S, D], so no head
     attributes are needed. The bool mask (True = attend) is expanded to [B, 1, Sq, Sk]."""
@@ -243,15 +303,16 @@ def make_linear_w8a8_qdq(act_scales: dict | None):
 
 
 TARGETS = ("onnxruntime", "tensorrt")
-INT8_MODES = ("fast", "hybrid", "exact")
+INT8_MODES = ("fused", "fast", "hybrid", "exact")
 
 
 def translation_table(target: str = "onnxruntime", opset: int = 18, act_scales: dict | None = None,
-                      int8_mode: str = "fast", exact: set | None = None, buffers=None,
-                      accuracy_level: int = 4) -> dict:
-    """target onnxruntime: dynamic int8 through MatMulInteger, `int8_mode` "fast" (per-tensor,
+                      int8_mode: str = "fused", exact: set | None = None, buffers=None,
+                      accuracy_level: int = 4, zp_rows: dict | None = None) -> dict:
+    """target onnxruntime: dynamic int8, `int8_mode` "fused" (lathe's per-token math in
+    MatMulIntegerToFloat; `zp_rows` from lathe.export.onnx.zero_point_table), "fast" (per-tensor,
     fused by onnxruntime into DynamicQuantizeMatMul), "hybrid" (fast, with the modules in
-    `exact` on the per-token lowering) or "exact" (lathe's per-token math everywhere);
+    `exact` on the per-token lowering) or "exact" (lathe's per-token math in standard ops);
     target tensorrt: symmetric static QDQ with `act_scales` (see make_linear_w8a8_qdq).
     opset >= 23 lowers attention to the standard Attention op. The weight-only and FP8 ops
     lower as lathe.export.weight_only says (int4 needs `buffers`, a weight_only.Buffers)."""
@@ -263,6 +324,8 @@ def translation_table(target: str = "onnxruntime", opset: int = 18, act_scales: 
         raise ValueError(f"unknown int8 mode {int8_mode!r}: expected one of {', '.join(INT8_MODES)}")
     if target == "tensorrt":
         linear = make_linear_w8a8_qdq(act_scales)
+    elif int8_mode == "fused":
+        linear = make_linear_w8a8_ort_fused(zp_rows or {})
     else:
         linear = (linear_w8a8_ort if int8_mode == "exact"
                   else make_linear_w8a8_ort_fast(exact if int8_mode == "hybrid" else None))

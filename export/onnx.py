@@ -104,7 +104,7 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
 
 
 def export_model(model, example: dict, out: Path, target: str = "onnxruntime", opset: int = 18,
-                 act_scales: dict | None = None, int8_mode: str = "fast", exact: set | None = None,
+                 act_scales: dict | None = None, int8_mode: str = "fused", exact: set | None = None,
                  accuracy_level: int = 4, external_data: bool | None = None, dynamic: dict | None = None,
                  output_names=("last_hidden_state",), input_names=None):
     """act_scales: static activation scales for target tensorrt (calibrate_act_scales).
@@ -121,7 +121,8 @@ def export_model(model, example: dict, out: Path, target: str = "onnxruntime", o
     if dynamic is None:
         batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=512)
         dynamic = {n: {0: batch, 1: seq} for n in names}
-    table = translation_table(target, opset, act_scales, int8_mode, exact, Buffers(model), accuracy_level)
+    table = translation_table(target, opset, act_scales, int8_mode, exact, Buffers(model), accuracy_level,
+                              zero_point_table(model) if int8_mode == "fused" else None)
     with torch.inference_mode(False), torch.no_grad():
         # The exporter is chatty on stdout; lathe prints its own summary.
         with redirect_stdout(io.StringIO()):
@@ -130,7 +131,19 @@ def export_model(model, example: dict, out: Path, target: str = "onnxruntime", o
                 input_names=names, output_names=list(output_names), dynamic_shapes=dynamic,
                 custom_translation_table=table, optimize=True, verbose=False)
     prog.model.graph.sort()  # the exporter's optimizer can leave a node before its input's producer
+    if target == "onnxruntime":
+        from lathe.export.ort_graph import keep_layernorm_unfused
+        keep_layernorm_unfused(prog.model)
     return save_ir(prog.model, Path(out), external_data)
+
+
+def zero_point_table(model) -> dict:
+    """{int8 module's weight name: J} for the fused lowering (lowering.zero_point_rows)."""
+    from lathe.compress.modules import QLinearW8A8
+    from lathe.export.lowering import zero_point_rows
+
+    return {f"{n}.weight": zero_point_rows(m.weight) for n, m in model.named_modules()
+            if isinstance(m, QLinearW8A8)}
 
 
 # Compared on their PyTorch reference: the graph computes the format's exact math.
@@ -143,7 +156,7 @@ def precision_of(model, target: str, int8_mode: str, accuracy_level: int) -> str
 
     kinds = {type(m) for m in model.modules()}
     if QLinearW8A8 in kinds:
-        return "int8-static" if target == "tensorrt" else {"exact": "int8"}.get(int8_mode, "int8-" + int8_mode)
+        return "int8-static" if target == "tensorrt" else {"exact": "int8", "fused": "int8"}.get(int8_mode, "int8-" + int8_mode)
     if QLinearFP8 in kinds:
         return "fp8"
     if QLinearW4A16 in kinds and target == "onnxruntime" and accuracy_level >= 2:
@@ -166,7 +179,7 @@ MAX_OPSET = 23
 
 
 def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None, validate: bool = True,
-                batch: int = 2, seq: int = 16, calib=None, int8_mode: str = "fast",
+                batch: int = 2, seq: int = 16, calib=None, int8_mode: str = "fused",
                 accuracy_level: int = 4, external_data: bool | None = None, slim: bool = False,
                 calib_method: str = "minmax", force: bool = False):
     """Export checkpoint `src` (HF or lathe compressed) to `out`; returns (path, report).
@@ -175,11 +188,11 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
     calibrated on `calib` (a list of texts; default lathe.text.calibration_texts()). Modules
     compressed with per-token asymmetric activations are exported symmetric (TensorRT accepts
     zero point 0 only), so the graph is validated with the looser "int8-static" tolerance.
-    target "onnxruntime", int8_mode "fast" (default): per-tensor activations that onnxruntime
-    fuses into DynamicQuantizeMatMul (at least as fast as its own quantize_dynamic, better
-    quality); "hybrid": fast with the outlier modules (calibrated) on the exact per-token
-    lowering (close to lathe's quality, about the same speed); "exact": lathe's per-token math
-    everywhere (slower on onnxruntime). See lathe.export.lowering. accuracy_level: MatMulNBits'
+    target "onnxruntime", int8_mode "fused" (default): lathe's per-token math in onnxruntime's
+    fused int8 GEMM (lathe's quality, about the speed of onnxruntime's own int8); "fast":
+    per-tensor activations fused into DynamicQuantizeMatMul (lower quality); "hybrid": fast with
+    the outlier modules (calibrated) per token; "exact": lathe's per-token math in standard ONNX
+    ops only (any runtime; slower on onnxruntime). See lathe.export.lowering. accuracy_level: MatMulNBits'
     (int4 on onnxruntime; 4 = int8 activations, 0 = fp32). opset: default 18, raised to what the
     modules need (21 for blocked int4/int8 DequantizeLinear, 19 for FP8). Llama decoders
     export with their KV cache (lathe.export.decoder). external_data: None = automatic past

@@ -1,16 +1,17 @@
 """The comparison that `lathe bench` and `lathe demo` run. For a model directory (original or
-lathe compressed): torch fp32 (the anchor), lathe, onnxruntime fp32, onnxruntime int8
-(quantize_dynamic) and lathe's own ONNX on onnxruntime, each with its quality against torch
-fp32. For an .onnx or .engine file: that file alone (quality needs a model directory)."""
+lathe compressed): torch fp32 (the anchor), lathe, onnxruntime fp32, onnxruntime's two int8
+recipes (quantize_dynamic default, and per-channel on MatMuls only, its better one on
+encoders) and lathe's own ONNX on onnxruntime, each with its quality against torch fp32. For
+an .onnx or .engine file: that file alone (quality needs a model directory)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from lathe.errors import BadInput
 
-ALL = ("torch", "compile", "lathe", "lathe-fp32", "onnxruntime", "ort-int8", "lathe-onnx", "lathe-onnx-hybrid",
-       "lathe-onnx-exact")
-DEFAULT = ("torch", "lathe", "onnxruntime", "ort-int8", "lathe-onnx")
+ALL = ("torch", "compile", "lathe", "lathe-fp32", "onnxruntime", "ort-int8", "ort-int8-pc", "lathe-onnx",
+       "lathe-onnx-fast", "lathe-onnx-hybrid", "lathe-onnx-exact")
+DEFAULT = ("torch", "lathe", "onnxruntime", "ort-int8", "ort-int8-pc", "lathe-onnx")
 REFERENCE = "torch fp32"
 
 
@@ -45,7 +46,7 @@ def _file_target(target: Path, model_dir) -> list:
 def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128, min_runs: int = 100,
         min_seconds: float = 10.0, max_seconds: float | None = None, isolate: bool = False,
         threads: int | None = None, model_dir=None, device: str = "cpu", log=print) -> dict:
-    from lathe.bench.backends import Spec, ort_quantize_dynamic
+    from lathe.bench.backends import ORT_INT8_RECIPES, Spec, ort_quantize_dynamic
     from lathe.bench.encoder import run_grid
     from lathe.export.onnx import export_onnx
     from lathe.source import default_checkpoint, open_source, recorded_source
@@ -74,22 +75,23 @@ def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128,
         specs.append(Spec("lathe", str(src.path), "lathe fp32 (uncompressed)", device))
     if "lathe" in backends:
         specs.append(Spec("lathe", str(tgt.path), name, device))
-    if "onnxruntime" in backends or "ort-int8" in backends:
+    recipes = [r for r in ORT_INT8_RECIPES if r in backends]
+    if "onnxruntime" in backends or recipes:
         fp32_onnx = workdir / "model-fp32.onnx"
         log(f"exporting {src.path.name} to ONNX (fp32) ...")
         _, v = export_onnx(src.path, fp32_onnx)
         log("  " + v.summary())
         if "onnxruntime" in backends:
             specs.append(Spec("onnxruntime", str(fp32_onnx), "onnxruntime fp32"))
-        if "ort-int8" in backends:
-            q = ort_quantize_dynamic(fp32_onnx, workdir / "model-ort-int8.onnx")
-            specs.append(Spec("onnxruntime", str(q), "onnxruntime int8 (quantize_dynamic)"))
+        for r in recipes:
+            q = ort_quantize_dynamic(fp32_onnx, workdir / f"model-{r}.onnx", r)
+            specs.append(Spec("onnxruntime", str(q), ORT_INT8_RECIPES[r][0]))
     if "lathe-onnx" in backends and tgt.is_compressed:
         log(f"exporting {tgt.path.name} to ONNX (lathe lowering) ...")
         p, v = export_onnx(tgt.path, workdir / "model-lathe.onnx")
         log("  " + v.summary())
         specs.append(Spec("onnxruntime", str(p), f"{name} ONNX on onnxruntime"))
-    for mode in ("hybrid", "exact"):  # the other int8 lowerings (lathe.export.lowering)
+    for mode in ("fast", "hybrid", "exact"):  # the other int8 lowerings (lathe.export.lowering)
         if f"lathe-onnx-{mode}" in backends and tgt.is_compressed:
             log(f"exporting {tgt.path.name} to ONNX ({mode} int8 lowering) ...")
             p, v = export_onnx(tgt.path, workdir / f"model-lathe-{mode}.onnx", int8_mode=mode)

@@ -8,6 +8,21 @@ from pathlib import Path
 
 from lathe.errors import BadInput, LatheError
 
+# What each --int8-mode costs and buys (bench/results/minilm-onnx-int8-cpu.md): MiniLM int8, seq 128,
+# 2 threads; min cosine against torch fp32 over lathe's 300 sentences; latency ratio against
+# onnxruntime's better int8 recipe (quantize_dynamic per-channel, MatMul only; > 1 = faster) at
+# batch 1 / 8 from one interleaved run on a shared machine.
+INT8_MODES_HELP = (
+    "int8 on onnxruntime (MiniLM: min cosine vs fp32; speed vs onnxruntime's best int8 at batch 1/8). "
+    "fused (default): lathe's per-token math in onnxruntime's fused int8 GEMM: lathe's quality "
+    "(0.9935; PyTorch 0.9940; onnxruntime's best 0.950), about onnxruntime's speed (0.98x/1.00x). "
+    "fast: per-tensor activations (DynamicQuantizeMatMul): 0.920, 1.23x/1.15x. "
+    "hybrid: fast with the calibrated outlier layers per token: 0.984, 1.12x/1.12x. "
+    "exact: the fused math in standard ONNX ops only (any runtime): 0.9935, 0.91x/0.93x. "
+    "(Speeds are against onnxruntime's recipes on a standard fp32 graph; on lathe's fp32 export, "
+    "which `lathe bench` uses, they run about 1.2x faster, so fused is about 0.9x there.) "
+    "Table: bench/results/minilm-onnx-int8-cpu.md")
+
 EXAMPLES = {
     "compress": "example:\n  lathe compress ./all-MiniLM-L6-v2 --recipe int8 -o ./minilm-int8\n"
                 "  lathe compress ./model --recipe int4-awq --backend modelopt -o ./out-awq\n"
@@ -71,9 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="runtime whose patterns the quantized ops lower to (tensorrt: symmetric static QDQ)")
     e.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default 18, raised to 21 for blocked int4/int8 DequantizeLinear, 19 for FP8)")
-    e.add_argument("--int8-mode", choices=["fast", "hybrid", "exact"], default="fast",
-                   help="int8 on onnxruntime: fast (DynamicQuantizeMatMul, per-tensor activations), hybrid "
-                        "(fast + calibrated outlier layers per token) or exact (lathe's per-token math, slower)")
+    e.add_argument("--int8-mode", choices=["fused", "fast", "hybrid", "exact"], default="fused",
+                   help=INT8_MODES_HELP)
     e.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
                    help="int4 MatMulNBits accuracy_level (4: int8 activations, fastest; 0: fp32)")
     e.add_argument("--external-data", action="store_true",
@@ -100,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "`compare` or `kernels`")
     b.add_argument("rest", nargs="*", help="with `compare`: A.json B.json")
     b.add_argument("--backend", default=None,
-                   help="comma-separated: torch,compile,lathe,lathe-fp32,onnxruntime,ort-int8,lathe-onnx")
+                   help="comma-separated: torch,compile,lathe,lathe-fp32,onnxruntime,ort-int8,ort-int8-pc,lathe-onnx,"
+                        "lathe-onnx-fast,lathe-onnx-hybrid,lathe-onnx-exact")
     b.add_argument("--batch", type=_ints, default=[1, 8])
     b.add_argument("--seq", type=int, default=128)
     b.add_argument("--min-runs", type=int, default=100)

@@ -1,6 +1,7 @@
 """`lathe demo`: the main job on the embedded default checkpoint (all-MiniLM-L6-v2):
 compress to int8 W8A8, export original and compressed to ONNX (validated on onnxruntime),
-benchmark torch fp32 / lathe int8 / onnxruntime fp32 / onnxruntime int8 at batch 1 and 8,
+benchmark torch fp32 / lathe int8 / onnxruntime fp32 / onnxruntime's two int8 recipes / lathe's
+int8 ONNX at batch 1 and 8,
 seq 128, and report speed and quality side by side."""
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def test_export_cli_exit_code_3_on_failed_validation(minilm_int8, tmp_path, monk
     from lathe import cli
     from lathe.export import validate
 
-    monkeypatch.setitem(validate.TOLERANCE, "int8-fast", {"min_cos": 1.01, "max_rel": 0.0})
+    monkeypatch.setitem(validate.TOLERANCE, "int8", {"min_cos": 1.01, "max_rel": 0.0})  # the default fused mode
     assert cli.main(["export", str(minilm_int8), "-o", str(tmp_path / "m.onnx")]) == 3
 
 

@@ -168,7 +168,7 @@ def test_int8_fast_fuses_for_onnxruntime_and_beats_its_anchor_quality(minilm_int
     from lathe.source import default_checkpoint
     from lathe.text import Tokenizer, eval_sentences
 
-    out, rep = lathe.export_onnx(minilm_int8, tmp_path / "fast.onnx")
+    out, rep = lathe.export_onnx(minilm_int8, tmp_path / "fast.onnx", int8_mode="fast")
     assert rep.passed and rep.precision == "int8-fast"
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
@@ -180,6 +180,7 @@ def test_int8_fast_fuses_for_onnxruntime_and_beats_its_anchor_quality(minilm_int
     assert 0 < _ops(hybrid)["QuantizeLinear"] < 24  # some modules per token, most fused
     fp32, _ = lathe.export_onnx(default_checkpoint(), tmp_path / "fp32.onnx", validate=False)
     anchor = ort_quantize_dynamic(fp32, tmp_path / "ortq.onnx")
+    assert _ops(anchor)["DynamicQuantizeLinear"] and _ops(ort_quantize_dynamic(fp32, tmp_path / "pc.onnx", "ort-int8-pc"))["MatMulInteger"]
     tok = Tokenizer(default_checkpoint())
     sents = eval_sentences()[:96]
 
