@@ -55,17 +55,18 @@ def make(spec: Spec) -> Backend:
         raise BadInput(f"unknown backend kind {spec.kind!r}; expected one of {', '.join(KINDS)}")
     dev = spec.device
     if spec.kind == "torch":
-        from transformers import BertModel
+        from lathe.models import model_class
+        from lathe.source import open_source
 
-        m = BertModel.from_pretrained(spec.path).eval().to(dev)
+        m = model_class(open_source(spec.path).config).hf_reference(spec.path, dev)
 
         def run(b):
             with torch.inference_mode():
-                return m(**_to(b, dev)).last_hidden_state.float().cpu()
+                return m(**_to(b, dev)).float().cpu()
     elif spec.kind in ("lathe", "compile"):
-        import lathe
+        from lathe.compress.checkpoint import load
 
-        m = lathe.load(spec.path, dev)
+        m = load(spec.path, dev)
         if spec.kind == "compile":
             m = torch.compile(m)
 

@@ -47,7 +47,7 @@ def measure(model, tok, batch: int, prompt_len: int, gen_len: int, min_runs: int
 
 def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs: int = 20,
         min_seconds: float = 2.0, max_seconds: float | None = 30.0, log=print) -> dict:
-    import lathe
+    from lathe.compress.checkpoint import load
     from lathe.bench.machine import describe
     from lathe.bench.perplexity import as_tokenizers, heldout_texts, perplexity
     from lathe.source import open_source
@@ -63,7 +63,7 @@ def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs
     models = [("fp32", src.path)] + ([(tgt.manifest["recipe"]["name"], tgt.path)] if tgt.is_compressed else [])
     try:
         for label, path in models:
-            m = lathe.load(path)
+            m = load(path)
             ppl = perplexity(m, tok, texts, max_tokens=8192)
             doc["quality"][f"lathe {label}"] = {"perplexity": ppl}
             for b in batches:

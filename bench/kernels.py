@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     print()
     # int4 weight-only vs onnxruntime MatMulNBits, and attention vs torch SDPA: their own
     # harnesses (alternating blocks of reps so neither runtime's spinning threads are timed).
-    from lathe.kernels import bench_cpu_attention, bench_cpu_int4
+    from lathe.bench import cpu_attention as bench_cpu_attention, cpu_int4 as bench_cpu_int4
 
     int4_rows = bench_cpu_int4.main(["--quick"] if a.quick else []) or []
     for r in int4_rows:

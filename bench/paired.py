@@ -13,11 +13,11 @@ import time
 def paired(a_dir, b_dir, batch: int = 8, seq: int = 128, pairs: int = 40, warmup: int = 3) -> dict:
     import torch
 
-    import lathe
+    from lathe.compress.checkpoint import load
     from lathe import text
     from lathe.source import open_source
 
-    a, b = lathe.load(a_dir), lathe.load(b_dir)
+    a, b = load(a_dir), load(b_dir)
     tok = text.Tokenizer(open_source(a_dir).path)
     x = tok(text.eval_sentences()[:batch], seq_len=seq)
 

@@ -147,12 +147,14 @@ def build_model(src: Source, device="cpu") -> nn.Module:
     the quantized modules the manifest names, load the tensors with assign=True (no copy)."""
     from lathe.compress.modules import QUANT_MODULES
     from lathe.models import model_class
+    from lathe.models.base import adapter_of
 
     cls = model_class(src.config)
     with torch.device("meta"):
         model = cls(src.config)
         for t in (src.manifest or {}).get("transforms", []):
             model.transform(t)
+        adapter = adapter_of(model)
         for name, entry in (src.manifest or {}).get("modules", {}).items():
             qcls = QUANT_MODULES.get(entry.get("class"))
             if qcls is None:  # e.g. LowRankLinear: registered when its plugin is imported
@@ -167,8 +169,8 @@ def build_model(src: Source, device="cpu") -> nn.Module:
             except AttributeError:
                 raise BadInput(f"{src.path}: manifest names module {name!r} that the model lacks") from None
             setattr(owner, leaf, qcls(**entry["args"]))
-            if entry["args"].get("act") not in (None, "none") and hasattr(owner, "act_fused"):
-                owner.act_fused = True
+            if entry["args"].get("act") not in (None, "none") and adapter.fusable_act(name):
+                adapter.mark_act_fused(name)
     tensors = read_tensors(src)
     want = model.state_dict()
     missing = [k for k in want if k not in tensors]

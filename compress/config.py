@@ -75,7 +75,7 @@ def register_handler(config_type: type):
 
 # Modules that define further configs and register them (and their handlers) on import. Loaded
 # lazily so `import lathe.compress.config` stays light.
-PLUGINS = ("lathe.compress.quantize", "lathe.compress.prune", "lathe.compress.lowrank",
+PLUGINS = ("lathe.compress.quantize", "lathe.compress.weight_only", "lathe.compress.prune", "lathe.compress.lowrank",
            "lathe.compress.distill")
 
 

@@ -1,7 +1,7 @@
 """Structured pruning that physically shrinks the model: attention heads (respecting GQA
 groups), FFN intermediate neurons, whole layers, and Conv2d channels.
 
-Transformer models say where their parts live through a class attribute PRUNE_SPEC (see
+Transformer models say where their parts live through their adapter's prune_spec (PRUNE_SPEC; see
 lathe.models.bert / llama). The same number of heads / neurons is kept in every layer (the
 config is uniform), each layer choosing its own by importance:
 - activation: the channel's contribution at the Linear that consumes it, ||X_j||_2 *
@@ -211,8 +211,9 @@ def _loss(model, out, batch):
     """Decoders: next-token cross-entropy; encoders: mean L2 norm of the output vectors."""
     mask = batch.get("attention_mask")
     mask = torch.ones(batch["input_ids"].shape) if mask is None else mask
-    c = getattr(model, "config", {}) or {}
-    if out.shape[-1] == c.get("vocab_size") != c.get("hidden_size"):  # logits
+    from lathe.models.base import adapter_of
+
+    if adapter_of(model).is_decoder:  # logits
         tgt = batch["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]).float(), tgt.reshape(-1),
                                ignore_index=-100)
@@ -377,7 +378,9 @@ def _check_plain(model, spec, n_layers):
 def prune_transformer(model, cfg: StructuredPruneConfig, calib, progress) -> dict:
     from lathe.compress.weight_only import _need_calib
 
-    spec = getattr(type(model), "PRUNE_SPEC", None)
+    from lathe.models.base import adapter_of
+
+    spec = adapter_of(model).prune_spec
     if spec is None:
         raise BadInput(f"prune-structured: {type(model).__name__} has no PRUNE_SPEC (heads, ffn and "
                        "layers are known for lathe's BERT and Llama models); conv_channels works on any model")

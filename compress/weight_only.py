@@ -4,7 +4,7 @@ sensitivity report.
 
 Layer-by-layer calibration (GPTQ and AWQ): when the model exposes its blocks
 (`model.encoder.layer` for BERT, `model.model.layers` for Llama-style decoders, ...; see
-BLOCK_PATHS), the inputs of block 0 are captured once per calibration batch, then blocks are
+lathe.models.base.BLOCK_PATHS), the inputs of block 0 are captured once per calibration batch, then blocks are
 processed one at a time: inside a block the Linear groups are quantized in order, each from
 statistics of its input computed with the earlier groups already quantized (the block is run
 on the captured inputs and stopped at the group's first Linear), and the quantized block's
@@ -26,16 +26,15 @@ import torch.nn as nn
 
 from lathe.compress.awq import ChannelMeanAbs, TokenSample, awq_clip, awq_search
 from lathe.compress.config import Fp8Config, Int4Config, Int8WeightOnlyConfig, register_handler
-from lathe.compress.formats import Int4Group, check_finite
+from lathe.compress.formats import Int4Group, check_finite, sqnr_db
+from lathe.compress.graph import groups as _groups, set_module as _set_module
 from lathe.compress.gptq import HessianAccumulator, gptq_quantize
 from lathe.compress.modules import QLinearFP8, QLinearW4A16, QLinearW8A16
-from lathe.compress.quantize import _groups, _set_module, sqnr_db
 from lathe.errors import BadInput
+from lathe.models.base import BLOCK_PATHS, adapter_of  # noqa: F401  (BLOCK_PATHS re-exported)
 
 log = logging.getLogger("lathe.compress")
 
-BLOCK_PATHS = ("encoder.layer", "model.layers", "model.decoder.layers", "transformer.h",
-               "gpt_neox.layers", "decoder.layers", "layers", "blocks", "h")
 AWQ_SAMPLE_TOKENS = 1024  # tokens of each group's input kept for AWQ's loss (the rest streams)
 
 
@@ -112,15 +111,10 @@ class _Stop(Exception):
 
 
 def find_blocks(model: nn.Module):
-    """(path, ModuleList) of the model's repeated blocks, or None."""
-    for p in BLOCK_PATHS:
-        try:
-            m = model.get_submodule(p)
-        except AttributeError:
-            continue
-        if isinstance(m, nn.ModuleList) and len(m) > 0:
-            return p, m
-    return None
+    """(path, ModuleList) of the model's repeated blocks (its adapter's), or None."""
+    a = adapter_of(model)
+    blocks = a.blocks()
+    return (a.blocks_path, blocks) if blocks is not None and len(blocks) > 0 else None
 
 
 def _block_index(name: str, path: str):

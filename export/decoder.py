@@ -85,9 +85,9 @@ def export_decoder(model, source, out, target, opset, validate, accuracy_level, 
 
 
 def _weight_only(model) -> bool:
-    from lathe.compress.modules import QLinearW8A16
+    from lathe.compress.formats import quantized_modules
 
-    return all(isinstance(m, QLinearW8A16) or "QLinear" not in type(m).__name__ for m in model.modules())
+    return all(m.format.exact_lowering for _, m in quantized_modules(model))
 
 
 @dataclass

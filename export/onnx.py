@@ -44,10 +44,10 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     method: how amax is chosen, minmax (max |x|) or a histogram observer that may clip:
     percentile, mse, entropy (lathe.compress.calibrate.make_observer)."""
     from lathe.compress.calibrate import make_observer
-    from lathe.compress.modules import QLinearW8A8
+    from lathe.compress.formats import quantized_modules
     from lathe.text import Tokenizer, batches, calibration_texts
 
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, QLinearW8A8)}
+    mods = {n: m for n, m in quantized_modules(model) if m.format.act_int8}
     if not mods:
         return {}
     texts = list(texts or calibration_texts())
@@ -139,18 +139,10 @@ REFERENCE_OPS = ("linear_w4a16",)
 
 def precision_of(model, target: str, int8_mode: str, accuracy_level: int) -> str:
     """The validation tolerance (lathe.export.validate.TOLERANCE) for the loosest module kind."""
-    from lathe.compress.modules import QLinearFP8, QLinearW4A16, QLinearW8A8, QLinearW8A16
+    from lathe.compress.formats import quantized_modules
 
-    kinds = {type(m) for m in model.modules()}
-    if QLinearW8A8 in kinds:
-        return "int8-static" if target == "tensorrt" else {"exact": "int8"}.get(int8_mode, "int8-" + int8_mode)
-    if QLinearFP8 in kinds:
-        return "fp8"
-    if QLinearW4A16 in kinds and target == "onnxruntime" and accuracy_level >= 2:
-        return "int4-a8"  # MatMulNBits computes in fp16/bf16/int8 (4: int8 activations per block)
-    if QLinearW4A16 in kinds or QLinearW8A16 in kinds:
-        return "weight-only"
-    return "fp32"
+    ranked = [m.format.precision(target, int8_mode, accuracy_level) for _, m in quantized_modules(model)]
+    return min(ranked)[1] if ranked else "fp32"
 
 
 def fast_exact_modules(model, model_dir, calib=None, max_act_error: float = 0.08) -> set:
@@ -181,7 +173,7 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
     export with their KV cache (lathe.export.decoder). external_data: None = automatic past
     2 GB. slim: simplify with onnxslim, then validate. calib_method: the tensorrt target's
     activation amax (minmax, percentile, mse, entropy; see calibrate_act_scales)."""
-    import lathe
+    from lathe.compress.checkpoint import load
     from lathe.export.lowering import INT8_MODES, TARGETS
     from lathe.export.validate import validate_onnx
     from lathe.export.weight_only import needs_opset
@@ -205,12 +197,14 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
             raise BadInput("--slim needs the onnxslim package: pip install onnxslim") from None
     source = open_source(src)
     out = writable_parent(out)
-    model = lathe.load(source.path)
+    model = load(source.path)
+    from lathe.models.base import adapter_of
+
     need = needs_opset(model, target)
     if opset is not None and opset < need:
         raise BadInput(f"opset {opset} is too old for this model's quantized modules: it needs {need}")
     opset = max(opset or 18, need)
-    if source.model_type == "llama":
+    if adapter_of(model).is_decoder:
         from lathe.export.decoder import export_decoder
         return export_decoder(model, source, out, target, opset, validate, accuracy_level,
                               external_data, slim)

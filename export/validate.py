@@ -68,7 +68,7 @@ def validate_onnx(path, model, model_dir, quantized: bool, raise_on_fail: bool =
     from lathe.kernels.dispatch import use_backend
     import onnx
 
-    from lathe.models.bert import mean_pool
+    from lathe.models.base import adapter_of
     from lathe.text import Tokenizer, eval_sentences
 
     onnx.checker.check_model(str(path))
@@ -88,8 +88,8 @@ def validate_onnx(path, model, model_dir, quantized: bool, raise_on_fail: bool =
         got = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in b.items() if k in names})[0])
         max_abs = max(max_abs, float((got - ref).abs().max()))
         max_rel = max(max_rel, float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12)))
-        cos = torch.nn.functional.cosine_similarity(mean_pool(got, b["attention_mask"]),
-                                                    mean_pool(ref, b["attention_mask"]))
+        pool = adapter_of(model).pool
+        cos = torch.nn.functional.cosine_similarity(pool(got, b["attention_mask"]), pool(ref, b["attention_mask"]))
         min_cos = min(min_cos, float(cos.min()))
         shapes.append([batch, seq])
     prec = precision or ("int8" if quantized else "fp32")

@@ -1,10 +1,15 @@
 """One dispatcher: which implementation runs an op on a device.
 
-Per op and device the candidates are tried in order and the first available one wins:
+Per op and device the candidate backends are tried in order and the first available one wins:
   cuda device: cuda (lathe._C_cuda) -> triton -> reference
   cpu device:  cpu (lathe._C, C++ with run-time ISA choice) -> reference
 Override with the environment (LATHE_BACKEND=reference, or LATHE_BACKEND_<OP>=..., e.g.
 LATHE_BACKEND_ATTENTION=reference) or in code with `use_backend(...)`.
+
+Each backend's implementations register with `@impl(op, backend, when=...)`; `call(op, device,
+*args)` runs the first implementation of the chosen backend whose condition (dtype, M,
+capability, ...) holds for these arguments, else the op's reference. The op bodies in
+lathe.kernels.ops hold no rules of their own: the table below and the registrations are all.
 """
 from __future__ import annotations
 
@@ -25,6 +30,27 @@ CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 _local = threading.local()
+
+# op -> backend -> [(when, fn)] in registration order; when(*args) -> bool, None = always.
+IMPLS: dict[str, dict[str, list]] = {}
+
+
+def impl(op: str, backend: str, when=None):
+    """Register the decorated function as an implementation of `op` on `backend`, used when
+    `when(*args)` holds (the op's arguments, positionally)."""
+    def deco(fn):
+        IMPLS.setdefault(op, {}).setdefault(backend, []).append((when, fn))
+        return fn
+    return deco
+
+
+def call(op: str, device, *args):
+    """Run `op` on `args` with the implementation the table picks for `device`."""
+    impls = IMPLS[op]
+    for when, fn in impls.get(backend_for(op, device), ()):
+        if when is None or when(*args):
+            return fn(*args)
+    return impls["reference"][0][1](*args)
 
 
 def _available(backend: str) -> bool:

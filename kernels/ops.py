@@ -1,8 +1,9 @@
 """The lathe ops: `torch.ops.lathe.<name>`. Model code calls these and nothing else.
 
 Each op is registered once as a torch.library custom op with a fake (meta) implementation, so
-torch.compile and torch.export trace through it, and its body asks the dispatcher
-(`lathe.kernels.dispatch.backend_for`) which implementation runs on the input's device.
+torch.compile and torch.export trace through it, and its body hands its arguments to the
+dispatcher (`lathe.kernels.dispatch.call`). Below each op, its implementations register with
+`@impl(op, backend, when=condition)`: the conditions are the only rules.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from lathe.kernels import cpu, reference
 from lathe.errors import BadInput
-from lathe.kernels.dispatch import backend_for
+from lathe.kernels.dispatch import call, impl
 
 # ----------------------------------------------------------------------------- linear_w8a8
 
@@ -29,17 +30,27 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     before quantization (SmoothQuant's 1/s, fused into the quantization pass). asym picks
     per-token asymmetric u8 activations (zero point) over symmetric ones.
     """
-    backend = backend_for("linear_w8a8", x.device)
+    return call("linear_w8a8", x.device, x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum)
+
+
+@impl("linear_w8a8", "cpu")
+def _w8a8_cpu(x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum):
     N = w_q.shape[0]
-    if backend == "cpu":
-        if w_packed is None or colsum is None:
-            w_packed, colsum = cpu.int8_pack(w_q)
-        if x.dtype == torch.float32:
-            return cpu.int8_linear(x, w_packed, colsum, w_scale, bias, N, act, smooth, asym)
-        return cpu.int8_linear(x.float(), w_packed, colsum, w_scale, bias, N, act, smooth, asym).to(x.dtype)
-    if backend == "triton" and not asym:
-        from lathe.kernels.gpu import triton_linear_w8a8
-        return triton_linear_w8a8(x, w_q, w_scale, bias, act, smooth)
+    if w_packed is None or colsum is None:
+        w_packed, colsum = cpu.int8_pack(w_q)
+    if x.dtype == torch.float32:
+        return cpu.int8_linear(x, w_packed, colsum, w_scale, bias, N, act, smooth, asym)
+    return cpu.int8_linear(x.float(), w_packed, colsum, w_scale, bias, N, act, smooth, asym).to(x.dtype)
+
+
+@impl("linear_w8a8", "triton", when=lambda x, w_q, w_scale, bias, act, smooth, asym, *_: not asym)
+def _w8a8_triton(x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum):
+    from lathe.kernels.gpu import triton_linear_w8a8
+    return triton_linear_w8a8(x, w_q, w_scale, bias, act, smooth)
+
+
+@impl("linear_w8a8", "reference")
+def _w8a8_reference(x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum):
     return reference.linear_w8a8(x, w_q, w_scale, bias, act, smooth, asym).to(x.dtype)
 
 
@@ -58,21 +69,39 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  p_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weight-only int4 (lathe int4 format, see lathe.compress.formats.Int4Group). p_* are the
     CPU kernel's layout (lathe.kernels.cpu_int4.int4_pack), made once at load time."""
-    backend = backend_for("linear_w4a16", x.device)
-    if backend == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        from lathe.kernels import cpu_int4
-        K = x.shape[-1]
-        if p_codes is None:
-            p = cpu_int4.int4_pack(qweight, scales, zeros, group_size, K)
-        else:
-            p = {"codes": p_codes, "scales": p_scales, "zeros": p_zeros}
-        return cpu_int4.int4_linear(x, p, qweight.shape[0], K, group_size, bias)
-    if backend == "cuda" and x.shape[:-1].numel() <= 16:
-        from lathe.kernels.cuda_ops import w4a16_linear
-        return w4a16_linear(x, qweight, scales, zeros, group_size, bias)
-    if backend in ("cuda", "triton"):
-        from lathe.kernels.gpu import triton_linear_w4a16
-        return triton_linear_w4a16(x, qweight, scales, zeros, group_size, bias)
+    return call("linear_w4a16", x.device, x, qweight, scales, zeros, group_size, bias, p_codes, p_scales, p_zeros)
+
+
+def _cpu_float(x, *_):
+    return x.dtype in (torch.float32, torch.bfloat16)
+
+
+@impl("linear_w4a16", "cpu", when=_cpu_float)
+def _w4a16_cpu(x, qweight, scales, zeros, group_size, bias, p_codes, p_scales, p_zeros):
+    from lathe.kernels import cpu_int4
+    K = x.shape[-1]
+    if p_codes is None:
+        p = cpu_int4.int4_pack(qweight, scales, zeros, group_size, K)
+    else:
+        p = {"codes": p_codes, "scales": p_scales, "zeros": p_zeros}
+    return cpu_int4.int4_linear(x, p, qweight.shape[0], K, group_size, bias)
+
+
+@impl("linear_w4a16", "cuda", when=lambda x, *_: x.shape[:-1].numel() <= 16)  # GEMV-shaped: decode
+def _w4a16_cuda(x, qweight, scales, zeros, group_size, bias, *_):
+    from lathe.kernels.cuda_ops import w4a16_linear
+    return w4a16_linear(x, qweight, scales, zeros, group_size, bias)
+
+
+@impl("linear_w4a16", "cuda")  # larger M: the Triton GEMM
+@impl("linear_w4a16", "triton")
+def _w4a16_triton(x, qweight, scales, zeros, group_size, bias, *_):
+    from lathe.kernels.gpu import triton_linear_w4a16
+    return triton_linear_w4a16(x, qweight, scales, zeros, group_size, bias)
+
+
+@impl("linear_w4a16", "reference")
+def _w4a16_reference(x, qweight, scales, zeros, group_size, bias, *_):
     return reference.linear_w4a16(x, qweight, scales, zeros, group_size, bias)
 
 
@@ -94,15 +123,25 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     CPU kernel's layout (lathe.kernels.cpu_w8a16.w8a16_pack), made once at load time; None
     packs here (a full pass over the weight: callers on a hot path prepare it)."""
     _check_w8a16(x, qweight, scales, bias, group_size)
-    backend = backend_for("linear_w8a16", x.device)
-    if backend == "cpu":
-        from lathe.kernels import cpu_w8a16
-        if packed is None:
-            packed = cpu_w8a16.w8a16_pack(qweight, scales, group_size)
-        return cpu_w8a16.w8a16_linear(x, packed, qweight.shape[0], group_size, bias)
-    if backend == "triton":
-        from lathe.kernels.gpu import triton_linear_w8a16
-        return triton_linear_w8a16(x, qweight, scales, bias, group_size)
+    return call("linear_w8a16", x.device, x, qweight, scales, bias, group_size, packed)
+
+
+@impl("linear_w8a16", "cpu")
+def _w8a16_cpu(x, qweight, scales, bias, group_size, packed):
+    from lathe.kernels import cpu_w8a16
+    if packed is None:
+        packed = cpu_w8a16.w8a16_pack(qweight, scales, group_size)
+    return cpu_w8a16.w8a16_linear(x, packed, qweight.shape[0], group_size, bias)
+
+
+@impl("linear_w8a16", "triton")
+def _w8a16_triton(x, qweight, scales, bias, group_size, packed):
+    from lathe.kernels.gpu import triton_linear_w8a16
+    return triton_linear_w8a16(x, qweight, scales, bias, group_size)
+
+
+@impl("linear_w8a16", "reference")
+def _w8a16_reference(x, qweight, scales, bias, group_size, packed):
     return reference.linear_w8a16(x, qweight, scales, bias)
 
 
@@ -147,10 +186,17 @@ def linear_fp8(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     and older GPUs: the reference, which simulates it in fp32 (CPUs have no FP8 units: this
     shows FP8's accuracy, not its speed)."""
     _check_fp8(x, w_fp8, w_scale, bias, act_granularity)
-    backend = backend_for("linear_fp8", x.device)
-    if backend == "triton" and torch.cuda.get_device_capability(x.device) >= (8, 9):
-        from lathe.kernels.gpu import triton_linear_fp8
-        return triton_linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
+    return call("linear_fp8", x.device, x, w_fp8, w_scale, bias, act_granularity)
+
+
+@impl("linear_fp8", "triton", when=lambda x, *_: torch.cuda.get_device_capability(x.device) >= (8, 9))  # FP8 units
+def _fp8_triton(x, w_fp8, w_scale, bias, act_granularity):
+    from lathe.kernels.gpu import triton_linear_fp8
+    return triton_linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
+
+
+@impl("linear_fp8", "reference")
+def _fp8_reference(x, w_fp8, w_scale, bias, act_granularity):
     return reference.linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
 
 
@@ -183,15 +229,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               scale: Optional[float]) -> torch.Tensor:
     """Softmax attention. q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D]; key_padding_mask bool [B, Sk]
     (True = real key). Rows with no real key give zeros."""
-    backend = backend_for("attention", q.device)
-    if backend == "triton":
-        from lathe.kernels.gpu import triton_attention
-        return triton_attention(q, k, v, key_padding_mask, causal, scale).contiguous()
-    if backend == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        from lathe.kernels import cpu_attention
-        return cpu_attention.attention(q, k, v, key_padding_mask, causal, scale)
-    if backend == "sdpa":
-        return _sdpa(q, k, v, key_padding_mask, causal, scale).contiguous()
+    return call("attention", q.device, q, k, v, key_padding_mask, causal, scale)
+
+
+@impl("attention", "triton")
+def _attention_triton(q, k, v, key_padding_mask, causal, scale):
+    from lathe.kernels.gpu import triton_attention
+    return triton_attention(q, k, v, key_padding_mask, causal, scale).contiguous()
+
+
+@impl("attention", "cpu", when=_cpu_float)
+def _attention_cpu(q, k, v, key_padding_mask, causal, scale):
+    from lathe.kernels import cpu_attention
+    return cpu_attention.attention(q, k, v, key_padding_mask, causal, scale)
+
+
+@impl("attention", "sdpa")
+def _attention_sdpa(q, k, v, key_padding_mask, causal, scale):
+    return _sdpa(q, k, v, key_padding_mask, causal, scale).contiguous()
+
+
+@impl("attention", "reference")
+def _attention_reference(q, k, v, key_padding_mask, causal, scale):
     return reference.attention(q, k, v, causal, key_padding_mask, scale).contiguous()
 
 

@@ -21,7 +21,7 @@ def load(path, device: str = "cpu"):
 def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend="lathe"):
     """Compress checkpoint `src` with `recipe` (preset name or YAML path) into directory `out`;
     backend "modelopt" calibrates with NVIDIA ModelOpt (pip install 'lathe[modelopt]')."""
-    from lathe.pipeline import compress_checkpoint as _run
+    from lathe.compress.pipeline import compress_checkpoint as _run
 
     return _run(src, recipe, out, calib, progress, backend)
 

@@ -192,9 +192,10 @@ def _bench(a):
         print(text)
         return 1 if regressed else 0
     from lathe import benchflow
+    from lathe.models import model_class
     from lathe.source import open_source
 
-    if Path(a.target).is_dir() and open_source(a.target).model_type == "llama":
+    if Path(a.target).is_dir() and model_class(open_source(a.target).config).is_decoder:
         return _bench_decoder(a)
     backends = tuple(a.backend.split(",")) if a.backend else benchflow.DEFAULT
     doc = benchflow.run(a.target, Path(a.out), backends, a.batch, a.seq, a.min_runs, a.min_seconds,

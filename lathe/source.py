@@ -147,3 +147,8 @@ def writable_parent(out) -> Path:
     if out.exists() and out.is_file() and not os.access(out, os.W_OK):
         raise BadInput(f"cannot write {out}: file is not writable")
     return out
+
+
+def weights_bytes(path) -> int:
+    """Bytes of a checkpoint's weights on disk (its *.safetensors files)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))

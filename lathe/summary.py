@@ -10,13 +10,9 @@ Latency is the median of a handful of forward passes at batch 8, seq 128 (encode
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
 import torch
 
-
-def weights_bytes(path) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+from lathe.source import weights_bytes  # noqa: F401  (re-exported: tests and bench read it here)
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -50,21 +46,22 @@ def _decoder_quality(ref, test, src_path) -> dict:
 
 def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     """Measure the row of the table for compressed directory `out` made from `src`."""
-    import lathe
     from lathe import text
+    from lathe.compress.checkpoint import load
+    from lathe.models.base import adapter_of
     from lathe.source import open_source
 
     comp = open_source(out)
     source = open_source(src)
     if source.is_compressed:  # a chained run (pruned -> int8): compare with the original model
         source = open_source(source.manifest["source"]["path"])
-    ref, test = lathe.load(source.path), lathe.load(comp.path)
+    ref, test = load(source.path), load(comp.path)
     row = {"recipe": (comp.manifest or {}).get("recipe", {}).get("name", "?"),
            "backend": (comp.manifest or {}).get("report", {}).get("backend", "lathe"),
            "size_src": weights_bytes(source.path), "size_out": weights_bytes(comp.path)}
     row["size_ratio"] = row["size_out"] / row["size_src"]
     with torch.inference_mode():
-        if source.model_type == "llama":
+        if adapter_of(ref).is_decoder:
             row["quality"] = _decoder_quality(ref, test, source.path)
             tok = text.Tokenizer(source.path)
             x = tok(text.eval_sentences()[:1], seq_len=128)

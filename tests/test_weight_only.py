@@ -289,7 +289,7 @@ def test_presets_load():
 def test_minilm_int4_gptq(minilm, tmp_path):
     from lathe.compress.checkpoint import save
     from lathe.models.bert import mean_pool
-    from lathe.pipeline import calibration_batches
+    from lathe.compress.pipeline import calibration_batches
     from lathe.source import open_source
     from lathe.text import Tokenizer, eval_sentences
 

@@ -1,6 +1,6 @@
 """lathe's int4 CPU GEMM against onnxruntime's com.microsoft.MatMulNBits and torch fp32, in one run.
 
-    python -m lathe.kernels.bench_cpu_int4 [--quick] [--sym] [--exact] [--reps R]
+    python -m lathe.bench.cpu_int4 [--quick] [--sym] [--exact] [--reps R]
 
 For each (K, N, block) one set of 4-bit codes, scales and zero points feeds all three: lathe
 (int4_pack + int4_linear), a one-node ONNX model (A fp32 [M, K]; B uint8 [N, k_blocks,
@@ -83,7 +83,7 @@ def _time(fn):
 
 
 def bench_case(M, K, N, block, sym, exact, reps, state, stat=statistics.median):
-    from lathe.compress.quantize import sqnr_db
+    from lathe.compress.formats import sqnr_db
     from lathe.kernels.cpu_int4 import int4_linear
 
     packed, sess, w = state

@@ -1,6 +1,6 @@
 """lathe's fused CPU attention against torch.nn.functional.scaled_dot_product_attention.
 
-    python -m lathe.kernels.bench_cpu_attention [--reps N] [--threads T] [--quick]
+    python -m lathe.bench.cpu_attention [--reps N] [--threads T] [--quick]
 
 Both run in the same process on the same inputs, interleaved call by call (the machine may be
 shared and its clock drifts), and each time reported is the median of the repeated calls.
