@@ -8,6 +8,7 @@ import time
 import torch
 
 from lathe.bench.report import SCHEMA_VERSION
+from lathe.bench.timing import seconds
 from lathe.bench.stats import summarize, time_fn
 
 
@@ -32,9 +33,9 @@ def measure(model, tok, batch: int, prompt_len: int, gen_len: int, min_runs: int
             logits, cache = model(x, use_cache=True)
             nxt = logits[:, -1:].argmax(-1)
             for _ in range(gen_len):
-                t0 = time.perf_counter()
-                logits, cache = model(nxt, past_key_values=cache, use_cache=True)
-                step_ms.append((time.perf_counter() - t0) * 1e3)
+                out = []
+                step_ms.append(seconds(lambda: out.append(model(nxt, past_key_values=cache, use_cache=True))) * 1e3)
+                logits, cache = out[0]
                 nxt = logits[:, -1:].argmax(-1)
         time_fn(generate, warmup=1, min_runs=max(1, min_runs // 10), min_seconds=min_seconds,
                 max_seconds=max_seconds)

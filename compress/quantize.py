@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from lathe.compress.alpha_search import search_alpha
-from lathe.compress.calibrate import (AbsMaxObserver, RowSample, Scaled, make_observer, observe,
-                                     smoothquant_scales)
+from lathe.compress.calibration import (AbsMaxObserver, RowSample, Scaled, make_observer, observe,
+                                       smoothquant_scales)
 from lathe.compress.config import HANDLERS, Int8Config, register_handler
 from lathe.compress.formats import check_finite, sqnr_db  # noqa: F401  (sqnr_db re-exported)
 from lathe.compress.graph import groups as _groups, set_module as _set_module

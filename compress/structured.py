@@ -139,7 +139,8 @@ def _activation_stats(model, spec, n_layers, calib, progress, gram: bool = False
     """Per layer: sum of x_j^2 at the o-projection's and FFN-out's inputs, and the mean Block
     Influence 1 - cos(in, out) over real tokens. gram: also X^T X of those inputs, with a
     column of ones appended (the bias), for least-squares reconstruction."""
-    from lathe.compress.weight_only import _first, _token_mask, _tokens
+    from lathe.compress.calibration import real_tokens as _tokens, run_batches
+    from lathe.compress.weight_only import _first
 
     stats = [{"o": 0.0, "ffn": 0.0, "bi": 0.0, "n": 0} for _ in range(n_layers)]
     state, hooks = {}, []
@@ -171,16 +172,7 @@ def _activation_stats(model, spec, n_layers, calib, progress, gram: bool = False
         hooks += [p.get("o").register_forward_pre_hook(sq(i, "o")),
                   p.get("ffn_out").register_forward_pre_hook(sq(i, "ffn")),
                   p.block.register_forward_hook(block_hook(i))]
-    try:
-        with torch.no_grad():
-            for j, b in enumerate(calib):
-                state["mask"] = _token_mask(b)
-                model(**b)
-                if progress:
-                    progress(j + 1, len(calib))
-    finally:
-        for h in hooks:
-            h.remove()
+    run_batches(model, calib, hooks, state, progress, torch.no_grad)
     _all_reduce_stats(stats)
     for s in stats:
         s["bi"] /= max(s["n"], 1)

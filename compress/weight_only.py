@@ -24,7 +24,8 @@ import time
 import torch
 import torch.nn as nn
 
-from lathe.compress.awq import ChannelMeanAbs, TokenSample, awq_clip, awq_search
+from lathe.compress.awq import TokenSample, awq_clip, awq_search
+from lathe.compress.calibration import ChannelSum, real_tokens, token_mask
 from lathe.compress.config import Fp8Config, Int4Config, Int8WeightOnlyConfig, register_handler
 from lathe.compress.formats import Int4Group, check_finite, sqnr_db
 from lathe.compress.graph import groups as _groups, set_module as _set_module
@@ -83,16 +84,7 @@ def _need_calib(calib, what: str):
                        "(--calib FILE with at least one line)")
 
 
-def _token_mask(batch):
-    m = batch.get("attention_mask") if isinstance(batch, dict) else None
-    return None if m is None else m.bool()
-
-
-def _tokens(x: torch.Tensor, mask) -> torch.Tensor:
-    """x [..., K] -> [T, K], padding tokens dropped when the mask fits x's leading dims."""
-    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask]
-    return x.reshape(-1, x.shape[-1])
+_token_mask, _tokens = token_mask, real_tokens  # the driver's one padding selection
 
 
 def _first(out):
@@ -261,7 +253,7 @@ def _int4_group(model, names, cfg: Int4Config, fmt: Int4Group, stream, details, 
                                               weight=Q, scales=s, zeros=z)
         return new
     # awq
-    stats, sample = ChannelMeanAbs(K), TokenSample(AWQ_SAMPLE_TOKENS, n_batches)
+    stats, sample = ChannelSum(K, power=1), TokenSample(AWQ_SAMPLE_TOKENS, n_batches)
 
     def both(x):
         stats.update(x)

@@ -42,8 +42,8 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     `max_act_error` gets scale None: the lowering keeps its activations in floating point
     (weight-only int8 DQ, no activation Q/DQ). max_act_error=float("inf") quantizes all.
     method: how amax is chosen, minmax (max |x|) or a histogram observer that may clip:
-    percentile, mse, entropy (lathe.compress.calibrate.make_observer)."""
-    from lathe.compress.calibrate import make_observer
+    percentile, mse, entropy (lathe.compress.calibration.make_observer)."""
+    from lathe.compress.calibration import make_observer, real_tokens
     from lathe.compress.formats import quantized_modules
     from lathe.text import Tokenizer, batches, calibration_texts
 
@@ -64,9 +64,7 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
             x = args[0].detach().float()
             if mod.smooth is not None:
                 x = x * mod.smooth
-            m = state.get("mask")
-            if m is not None and x.dim() == 3 and tuple(m.shape) == tuple(x.shape[:2]):
-                x = x[m.bool()]
+            x = real_tokens(x, state.get("mask"))
             if not x.numel():
                 return
             if state["pass"] == 0:
@@ -185,7 +183,7 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
         raise BadInput(f"unknown export target {target!r}: expected one of {', '.join(TARGETS)}")
     if int8_mode not in INT8_MODES:
         raise BadInput(f"unknown int8 mode {int8_mode!r}: expected one of {', '.join(INT8_MODES)}")
-    from lathe.compress.calibrate import METHODS
+    from lathe.compress.calibration import METHODS
     if calib_method not in METHODS:
         raise BadInput(f"unknown calibration method {calib_method!r}: expected one of {', '.join(METHODS)}")
     if accuracy_level not in (0, 1, 2, 3, 4):

@@ -11,15 +11,15 @@ import math
 import torch
 
 from lathe import _ext
+from lathe.errors import BadInput  # noqa: F401
+from lathe.kernels.boundary import need
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 GROUP_SIZES = (32, 64, 128)
 HEAD_DIMS = (32, 64, 96, 128, 256)
 
 
-def _need(cond: bool, msg: str):
-    if not cond:
-        raise ValueError(msg)
+_need = need
 
 
 def _check_cuda(op: str, name: str, t: torch.Tensor, device: torch.device | None = None):

@@ -18,6 +18,7 @@ import os
 import threading
 
 from lathe import _ext
+from lathe.errors import BadInput
 
 # op -> device type -> ordered candidates. "reference" is always last and always available.
 CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -94,11 +95,11 @@ def backend_for(op: str, device) -> str:
 
 def _choose(op: str, dev: str, forced: str | None) -> str:
     if op not in CANDIDATES:
-        raise ValueError(f"unknown lathe op {op!r}: expected one of {sorted(CANDIDATES)}")
+        raise BadInput(f"unknown lathe op {op!r}: expected one of {sorted(CANDIDATES)}")
     candidates = CANDIDATES[op].get(dev, ("reference",))
     if forced:
         if forced not in candidates:
-            raise ValueError(
+            raise BadInput(
                 f"backend {forced!r} cannot run {op} on {dev}: choose one of {list(candidates)}")
         if not _available(forced):
             raise RuntimeError(f"backend {forced!r} for {op} is not available on this machine")

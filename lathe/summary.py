@@ -9,20 +9,10 @@ Latency is the median of a handful of forward passes at batch 8, seq 128 (encode
 """
 from __future__ import annotations
 
-import time
 import torch
 
+from lathe.bench.timing import median_ms as _median_ms
 from lathe.source import weights_bytes  # noqa: F401  (re-exported: tests and bench read it here)
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up (packing caches, allocator)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 def _encoder_quality(ref, test, tok, n_sentences: int) -> dict:

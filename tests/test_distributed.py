@@ -43,7 +43,7 @@ def run_all(data: str, fsdp: bool = False, work_dir: str | None = None) -> dict:
     work_dir, distil again afterwards from the same start: that run resumes from the first
     one's last checkpoint and must end on the same weights."""
     from lathe.compress import distributed as dist
-    from lathe.compress.calibrate import observe_inputs
+    from lathe.compress.calibration import observe_inputs
     from lathe.compress.checkpoint import build_model
     from lathe.compress.context import StepContext
     from lathe.compress.distill import DistillConfig, handler

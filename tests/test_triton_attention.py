@@ -10,10 +10,7 @@ lathe's max error must be at most 2x the max error of the same math done by PyTo
 kernel's precision (reference.attention itself for fp32; matmuls and softmax in fp16/bf16 for
 the half types), plus one ulp of the output's largest magnitude.
 """
-import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,37 +22,21 @@ pytest.importorskip("triton", exc_type=ImportError)  # missing or broken triton
 
 from lathe.kernels import reference  # noqa: E402
 from lathe.kernels.triton_kernels import attention as A  # noqa: E402
+from testkit import attention_inputs, attention_at, compile_ahead  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _attention_at(q, k, v, causal, mask, dtype, scale=None):
-    """reference.attention's math carried out in `dtype` (the reference hard-codes fp32)."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    rep = Hq // Hkv
-    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(rep, 1), v.to(dtype).repeat_interleave(rep, 1)
-    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(D))
-    allowed = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
-    if causal:
-        qi = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
-        allowed = allowed & (torch.arange(Sk, device=q.device)[None, :] <= qi)
-    if mask is not None:
-        allowed = allowed & mask[:, None, None, :]
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-    return torch.nan_to_num(p, nan=0.0) @ v
 
 
 def _baseline(q, k, v, causal, mask, scale=None):
     """PyTorch at the kernel's precision: the fp32 reference, or the math in fp16/bf16."""
     if q.dtype == torch.float32:
         return reference.attention(q, k, v, causal, mask, scale=scale)
-    return _attention_at(q, k, v, causal, mask, q.dtype, scale=scale)
+    return attention_at(q, k, v, causal, mask, q.dtype, scale=scale)
 
 
 def assert_close_to_truth(out, q, k, v, causal, mask, scale=None):
-    truth = _attention_at(q, k, v, causal, mask, torch.float64, scale=scale)
+    truth = attention_at(q, k, v, causal, mask, torch.float64, scale=scale)
     base = _baseline(q, k, v, causal, mask, scale=scale)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all()
@@ -66,18 +47,7 @@ def assert_close_to_truth(out, q, k, v, causal, mask, scale=None):
 
 
 def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Sq, D, generator=g).to(DEV, dtype)
-    k = torch.randn(B, Hkv, Sk, D, generator=g).to(DEV, dtype)
-    v = torch.randn(B, Hkv, Sk, D, generator=g).to(DEV, dtype)
-    m = None
-    if mask:
-        m = torch.rand(B, Sk, generator=g) > 0.3
-        m[:, -1] = True
-        if B > 1:
-            m[-1] = False  # a batch row with no real key: its outputs must be 0, not NaN
-        m = m.to(DEV)
-    return q, k, v, m
+    return attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed, DEV)
 
 
 # (B, Hq, Hkv, Sq, Sk, D, mask, dtype): odd lengths, GQA ratios 1/2/4, D 32/64/96.
@@ -221,31 +191,14 @@ def test_gpu_faster_than_math_attention():
     import triton
     q, k, v, _ = _inputs(4, 16, 16, 4096, 4096, 128, torch.bfloat16, False)
     t_lathe = triton.testing.do_bench(lambda: A.flash_attention(q, k, v, causal=True))
-    t_math = triton.testing.do_bench(lambda: _attention_at(q, k, v, True, None, torch.bfloat16))
+    t_math = triton.testing.do_bench(lambda: attention_at(q, k, v, True, None, torch.bfloat16))
     assert t_lathe < t_math
 
 
 # ----------------------------------------------------------------------------- GPU lowering, no GPU
 
 _AOT = r'''
-import sys
-try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as e:
-    print(e); sys.exit(77)
 from lathe.kernels.triton_kernels import attention as A
-
-def build(kern, sig, consts, cap, warps, stages):
-    fn = kern
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn  # unwrap the autotuner
-    full = {n: "constexpr" if n in consts else sig.get(n, "i32") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if full[n][0] == "*"}
-    k = triton.compile(ASTSource(fn, full, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
-    assert k.asm["cubin"]
 
 for cap in (80, 90):
     for dt, D, causal, varlen in (("bf16", 128, True, False), ("fp16", 96, False, True)):
@@ -258,7 +211,6 @@ for cap in (80, 90):
                                               DOT_PREC="tf32", BLOCK_N=64), cap, 4, 2)
     build(A._decode_reduce_kernel, dict(Opart="*fp32", Lse="*fp32", O="*bf16"),
           dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16), cap, 4, 1)
-print("ok")
 '''
 
 
@@ -266,8 +218,4 @@ print("ok")
 def test_kernels_lower_to_sm80_and_sm90_cubin():
     """Compile (not run) the GPU kernels with triton's bundled ptxas: catches lowering errors
     that the interpreter cannot see, on machines without a GPU."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True)
-    if r.returncode == 77:
-        pytest.skip(f"this triton has no ASTSource/GPUTarget API: {r.stdout.strip()}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    compile_ahead(_AOT)

@@ -92,6 +92,22 @@ def quantized_modules(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if format_of(m) is not None]
 
 
+def same_smooth(parts) -> bool:
+    """The parts share their input multiplier (SmoothQuant/AWQ smooth vector), or none has one."""
+    s0 = parts[0].smooth
+    return all((p.smooth is None) == (s0 is None) and (s0 is None or torch.equal(p.smooth, s0)) for p in parts)
+
+
+def concat_into(m: nn.Module, parts, buffers) -> nn.Module:
+    """m's `buffers` (and bias) are the parts' stacked along the output rows; smooth is shared."""
+    p0 = parts[0]
+    for b in buffers + (("bias",) if p0.bias is not None else ()):
+        setattr(m, b, torch.cat([getattr(p, b) for p in parts]))
+    if p0.smooth is not None:
+        m.smooth = p0.smooth.clone()
+    return m
+
+
 def from_linear_rtn(cls, lin: nn.Linear, name: str, *args):
     """A `cls` module from `lin`, its weight rounded to nearest by the module's format into the
     buffers cls.QUANT_BUFFERS (in the order format.quantize returns them)."""

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 import lathe.kernels  # noqa: F401  (registers torch.ops.lathe.*)
-from lathe.compress.formats.base import Format, check_finite, copy_bias, register_format
+from lathe.compress.formats.base import (Format, check_finite, concat_into, copy_bias, register_format,
+                                         same_smooth)
 from lathe.errors import BadInput
 
 
@@ -64,21 +65,12 @@ class QLinearW4A16(nn.Module):
         """Output channels side by side (exact: rows are quantized independently); the parts
         must share group size, symmetry and smooth vector (AWQ gives one per input group)."""
         p0 = parts[0]
-        same = all(p.group_size == p0.group_size and p.symmetric == p0.symmetric
-                   and (p.smooth is None) == (p0.smooth is None)
-                   and (p.smooth is None or torch.equal(p.smooth, p0.smooth)) for p in parts)
-        if not same:
+        same = all(p.group_size == p0.group_size and p.symmetric == p0.symmetric for p in parts)
+        if not same or not same_smooth(parts):
             raise ValueError("cannot concatenate int4 linears with different group size, symmetry or smooth")
         m = cls(p0.in_features, sum(p.out_features for p in parts), p0.bias is not None,
                 p0.group_size, p0.symmetric, p0.smooth is not None, device=p0.qweight.device)
-        m.qweight = torch.cat([p.qweight for p in parts])
-        m.scales = torch.cat([p.scales for p in parts])
-        m.zeros = torch.cat([p.zeros for p in parts])
-        if p0.bias is not None:
-            m.bias = torch.cat([p.bias for p in parts])
-        if p0.smooth is not None:
-            m.smooth = p0.smooth.clone()
-        return m.prepare()
+        return concat_into(m, parts, ("qweight", "scales", "zeros")).prepare()
 
     def prepare(self):
         """Device packing hook, run once at load time. A no-op today (the CPU backend of

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import lathe.kernels  # noqa: F401  (registers torch.ops.lathe.*)
-from lathe.compress.formats.base import Format, check_finite, copy_bias, register_format
+from lathe.compress.formats.base import Format, check_finite, concat_into, copy_bias, register_format, same_smooth
 
 
 class QLinearW8A8(nn.Module):
@@ -56,18 +56,12 @@ class QLinearW8A8(nn.Module):
         """One module computing the parts' outputs side by side (exact: weights are quantized
         per output channel and the parts share the input's quantization)."""
         p0 = parts[0]
-        same = all(p.act == p0.act and p.act_asym == p0.act_asym and (p.smooth is None) == (p0.smooth is None)
-                   and (p.smooth is None or torch.equal(p.smooth, p0.smooth)) for p in parts)
-        if not same:
+        same = all(p.act == p0.act and p.act_asym == p0.act_asym for p in parts)
+        if not same or not same_smooth(parts):
             raise ValueError("cannot concatenate quantized linears with different input quantization")
         m = cls(p0.in_features, sum(p.out_features for p in parts), p0.bias is not None, p0.act,
                 p0.smooth is not None, p0.act_asym, device=p0.weight.device)
-        m.weight = torch.cat([p.weight for p in parts])
-        m.weight_scale = torch.cat([p.weight_scale for p in parts])
-        if p0.bias is not None:
-            m.bias = torch.cat([p.bias for p in parts])
-        if p0.smooth is not None:
-            m.smooth = p0.smooth.clone()
+        concat_into(m, parts, ("weight", "weight_scale"))
         return m.prepare() if m.weight.device.type != "meta" else m
 
     def prepare(self):

@@ -88,7 +88,29 @@ class ModelAdapter:
         return self.get_submodule(self.blocks_path)
 
     def linear_groups(self):
-        return ((n, [n]) for n, m in self.named_modules() if isinstance(m, nn.Linear))
+        """For compress: (name of a module that takes x, [names of the Linears reading x]): the
+        family's _fixed_groups() with low-rank factored Linears split (lathe.models.split_factored)."""
+        from lathe.models import split_factored
+
+        if not hasattr(self, "_fixed_groups"):
+            return ((n, [n]) for n, m in self.named_modules() if isinstance(m, nn.Linear))
+        return split_factored(self, self._fixed_groups())
+
+    def transform(self, name: str):
+        """Structural rewrites a compressed checkpoint records and load replays on the meta model:
+        fuse_qkv concatenates each block's q/k/v (the attention named by prune_spec)."""
+        from lathe.models import any_factored
+
+        if name != "fuse_qkv" or self.prune_spec is None:
+            raise BadInput(f"unknown model transform {name!r}")
+        spec = self.prune_spec
+        a = [block.get_submodule(spec["attention"]) for block in self.blocks()]
+        qkv = [spec[p].rpartition(".")[2] for p in ("q", "k", "v")]
+        if any(any_factored(*(getattr(x, n) for n in qkv)) for x in a):
+            return  # low-rank q/k/v: nothing to concatenate, and nothing recorded
+        for x in a:
+            x.fuse_qkv()
+        self.applied_transforms.append(name)
 
     def pool(self, out: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return mean_pool(out, attention_mask)

@@ -179,25 +179,6 @@ class BertEncoder(nn.Module, ModelAdapter):
             x = layer(x, key_padding_mask)
         return x
 
-    def transform(self, name: str):
-        """Structural rewrites a compressed checkpoint records and load replays on the meta model."""
-        from lathe.models import any_factored
-
-        if name != "fuse_qkv":
-            raise BadInput(f"unknown model transform {name!r}")
-        a = [layer.attention.self for layer in self.encoder.layer]
-        if any(any_factored(x.query, x.key, x.value) for x in a):
-            return  # low-rank q/k/v: nothing to concatenate, and nothing recorded
-        for x in a:
-            x.fuse_qkv()
-        self.applied_transforms.append(name)
-
-    def linear_groups(self):
-        """For compress: (name of a module that takes x, [names of the Linears reading x])."""
-        from lathe.models import split_factored
-
-        return split_factored(self, self._fixed_groups())
-
     def _fixed_groups(self):
         for i, _ in enumerate(self.encoder.layer):
             p = f"encoder.layer.{i}"

@@ -245,26 +245,6 @@ class LlamaForCausalLM(nn.Module, ModelAdapter):
             logits, cache = self(nxt, past_key_values=cache, use_cache=True)
         return torch.cat(out, dim=1)
 
-    def transform(self, name: str):
-        """Structural rewrites a compressed checkpoint records and load replays on the meta model."""
-        from lathe.models import any_factored
-
-        if name != "fuse_qkv":
-            raise BadInput(f"unknown model transform {name!r}")
-        a = [layer.self_attn for layer in self.model.layers]
-        if any(any_factored(x.q_proj, x.k_proj, x.v_proj) for x in a):
-            return  # low-rank q/k/v: nothing to concatenate, and nothing recorded
-        for x in a:
-            x.fuse_qkv()
-        self.applied_transforms.append(name)
-
-    def linear_groups(self):
-        """For compress: (name of a module that takes x, [names of the Linears reading x]).
-        A tied lm_head is the embedding matrix, not a Linear, and is left out."""
-        from lathe.models import split_factored
-
-        return split_factored(self, self._fixed_groups())
-
     def _fixed_groups(self):
         for i, _ in enumerate(self.model.layers):
             p = f"model.layers.{i}"
