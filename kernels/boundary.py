@@ -32,3 +32,39 @@ def rows(x: torch.Tensor, K: int) -> tuple[torch.Tensor, int, int]:
     if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) < K):
         x2 = x2.contiguous()
     return x2, M, x2.stride(0) if M > 1 else K
+
+
+class _Checked:
+    """An extension module whose functions raise BadInput where the C++ boundary check raises
+    ValueError (pybind11's std::invalid_argument): one kind of error for every bad argument."""
+
+    def __init__(self, mod):
+        self._mod, self._fns = mod, {}
+
+    def __getattr__(self, name):
+        fn = self._fns.get(name)
+        if fn is None:
+            raw = getattr(self._mod, name)
+            if not callable(raw):
+                return raw
+
+            def fn(*args, _raw=raw):
+                try:
+                    return _raw(*args)
+                except BadInput:
+                    raise
+                except ValueError as e:
+                    raise BadInput(str(e)) from None
+            self._fns[name] = fn
+        return fn
+
+
+_checked: dict = {}
+
+
+def checked(mod):
+    """`mod` (lathe._C or lathe._C_cuda) with BadInput for its argument errors."""
+    c = _checked.get(id(mod))
+    if c is None or c._mod is not mod:
+        c = _checked[id(mod)] = _Checked(mod)
+    return c

@@ -8,13 +8,14 @@ import torch
 
 from lathe import _ext
 from lathe.errors import BadInput
+from lathe.kernels.boundary import checked
 
 ACTS = {"none": 0, "gelu": 1, "silu": 2}
 ISAS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
 
 
 def _C():
-    return _ext.require_cpu()
+    return checked(_ext.require_cpu())
 
 
 def best_isa() -> str:

@@ -16,12 +16,13 @@ import torch
 
 from lathe import _ext
 from lathe.errors import BadInput
+from lathe.kernels.boundary import checked
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _C():
-    return _ext.require_cpu()
+    return checked(_ext.require_cpu())
 
 
 def _shape(t) -> tuple:

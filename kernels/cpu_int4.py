@@ -22,14 +22,14 @@ import torch
 
 from lathe import _ext
 from lathe.errors import BadInput
-from lathe.kernels.boundary import linear_args, need
+from lathe.kernels.boundary import checked, linear_args, need
 
 GROUP_SIZES = (32, 64, 128)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _C():
-    return _ext.require_cpu()
+    return checked(_ext.require_cpu())
 
 
 _need = need

@@ -19,13 +19,13 @@ import torch
 
 from lathe import _ext
 from lathe.errors import BadInput
-from lathe.kernels.boundary import linear_args
+from lathe.kernels.boundary import checked, linear_args
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _C():
-    return _ext.require_cpu()
+    return checked(_ext.require_cpu())
 
 
 def _groups(group_size, K: int, fn: str) -> int:
