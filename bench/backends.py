@@ -64,9 +64,9 @@ def make(spec: Spec) -> Backend:
                 out = m(**_to(b, dev))
                 return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float().cpu()
     elif spec.kind in ("lathe", "compile"):
-        import lathe
+        from lathe.compress.checkpoint import load
 
-        m = lathe.load(spec.path, dev)
+        m = load(spec.path, dev)
         if spec.kind == "compile":
             m = torch.compile(m)
 

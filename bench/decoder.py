@@ -10,6 +10,7 @@ import time
 import torch
 
 from lathe.bench.report import SCHEMA_VERSION
+from lathe.bench.timing import seconds
 from lathe.bench.stats import summarize, time_fn
 
 
@@ -34,9 +35,9 @@ def measure(model, tok, batch: int, prompt_len: int, gen_len: int, min_runs: int
             logits, cache = model(x, use_cache=True)
             nxt = logits[:, -1:].argmax(-1)
             for _ in range(gen_len):
-                t0 = time.perf_counter()
-                logits, cache = model(nxt, past_key_values=cache, use_cache=True)
-                step_ms.append((time.perf_counter() - t0) * 1e3)
+                out = []
+                step_ms.append(seconds(lambda: out.append(model(nxt, past_key_values=cache, use_cache=True))) * 1e3)
+                logits, cache = out[0]
                 nxt = logits[:, -1:].argmax(-1)
         time_fn(generate, warmup=1, min_runs=max(1, min_runs // 10), min_seconds=min_seconds,
                 max_seconds=max_seconds)
@@ -60,7 +61,7 @@ def check_lengths(config: dict, prompt_len, gen_len):
 
 def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs: int = 20,
         min_seconds: float = 2.0, max_seconds: float | None = 30.0, log=print) -> dict:
-    import lathe
+    from lathe.compress.checkpoint import load
     from lathe.bench.machine import describe
     from lathe.bench.perplexity import as_tokenizers, heldout_texts, perplexity
     from lathe.source import open_source, recorded_source
@@ -77,7 +78,7 @@ def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs
     models = [("fp32", src.path)] + ([(tgt.manifest["recipe"]["name"], tgt.path)] if tgt.is_compressed else [])
     try:
         for label, path in models:
-            m = lathe.load(path)
+            m = load(path)
             ppl = perplexity(m, tok, texts, max_tokens=8192)
             doc["quality"][f"lathe {label}"] = {"perplexity": ppl}
             for b in batches:

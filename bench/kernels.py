@@ -28,7 +28,7 @@ def median_ms(fn, min_runs: int = 10, min_seconds: float = 0.3) -> float:
 
 def _ort_matmul_integer(M, K, N, w_q):
     import numpy as np
-    import onnxruntime as ort
+    from lathe.export.validate import ort_session
     from onnx import TensorProto, helper
 
     a = helper.make_tensor_value_info("A", TensorProto.UINT8, [M, K])
@@ -36,9 +36,7 @@ def _ort_matmul_integer(M, K, N, w_q):
     y = helper.make_tensor_value_info("Y", TensorProto.INT32, [M, N])
     g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mm", [a], [y], [b])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model)
     x = np.random.randint(0, 255, (M, K), dtype=np.uint8)
     return lambda: sess.run(None, {"A": x})
 
@@ -105,16 +103,13 @@ W8A16_MS = (1, 16, 128, 1024)
 
 
 def _ort_session(nodes, inits, K: int, N: int, domains=("",)):
-    import onnxruntime as ort
+    from lathe.export.validate import ort_session
     from onnx import TensorProto, helper
 
     g = helper.make_graph(nodes, "w8a16", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], initializer=inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid(d, 17 if d == "" else 1) for d in domains])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort_session(model)
 
 
 def _ort_matmul_fp32(w):
@@ -152,15 +147,9 @@ def _interleaved_ms(fns: dict, reps: int, rounds: int = 3, pause_s: float = 0.05
     go idle before a block)."""
     import statistics
 
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            time.sleep(pause_s)
-            fn()
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+    from lathe.bench.timing import alternating
+
+    times = alternating(fns, reps, rounds, pause_s)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
@@ -289,7 +278,7 @@ def main(argv=None) -> int:
     print()
     # int4 weight-only vs onnxruntime MatMulNBits, and attention vs torch SDPA: their own
     # harnesses (alternating blocks of reps so neither runtime's spinning threads are timed).
-    from lathe.kernels import bench_cpu_attention, bench_cpu_int4
+    from lathe.bench import cpu_attention as bench_cpu_attention, cpu_int4 as bench_cpu_int4
 
     int4_rows = bench_cpu_int4.main(["--quick"] if a.quick else []) or []
     for r in int4_rows:

@@ -7,32 +7,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 
 def paired(a_dir, b_dir, batch: int = 8, seq: int = 128, pairs: int = 40, warmup: int = 3) -> dict:
     import torch
 
-    import lathe
+    from lathe.compress.checkpoint import load
     from lathe import text
+    from lathe.bench.timing import paired as alternate
     from lathe.source import open_source
 
-    a, b = lathe.load(a_dir), lathe.load(b_dir)
+    a, b = load(a_dir), load(b_dir)
     tok = text.Tokenizer(open_source(a_dir).path)
     x = tok(text.eval_sentences()[:batch], seq_len=seq)
 
-    def once(m):
-        t0 = time.perf_counter()
-        m(**x)
-        return time.perf_counter() - t0
-
-    ta, tb = [], []
+    fa, fb = (lambda: a(**x)), (lambda: b(**x))
     with torch.inference_mode():
-        for _ in range(warmup):
-            once(a), once(b)
-        for _ in range(pairs):
-            ta.append(once(a))
-            tb.append(once(b))
+        alternate(fa, fb, warmup)
+        ta, tb = alternate(fa, fb, pairs)
     r = [y / x_ for x_, y in zip(ta, tb)]
     q = statistics.quantiles(r, n=4)
     return {"a": str(a_dir), "b": str(b_dir), "batch": batch, "seq": seq, "pairs": pairs,

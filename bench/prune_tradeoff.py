@@ -32,22 +32,22 @@ def _recipe(path) -> str:
 def tradeoff(original, pruned: list, pairs: int = 30) -> dict:
     import torch
 
-    import lathe
+    from lathe.compress.checkpoint import load
     from lathe import text
     from lathe.bench.paired import paired
     from lathe.bench.quality import cosine_stats, embeddings
-    from lathe.summary import weights_bytes
+    from lathe.source import weights_bytes
 
     tok = text.Tokenizer(original)
     sents = text.eval_sentences()
     with torch.inference_mode():
-        orig = lathe.load(original)
+        orig = load(original)
         ref = embeddings(lambda b: orig(**b), tok, sents)
     del orig
     rows = []
     for d in pruned:
         with torch.inference_mode():
-            m = lathe.load(d)
+            m = load(d)
             cos = cosine_stats(ref, embeddings(lambda b: m(**b), tok, sents))
         lat = paired(original, d, pairs=pairs)
         row = {"dir": str(d), "recipe": _recipe(d), "min_cos": cos["min_cos"], "mean_cos": cos["mean_cos"],

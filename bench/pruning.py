@@ -26,11 +26,13 @@ def _recipe(tmp: Path, name: str, algo: str, distill_steps: int) -> str:
 def run(distill_steps: int = 300, n_files: int = 32, log=print) -> dict:
     import lathe
     from lathe.bench.perplexity import heldout_perplexity
+    from lathe.compress.checkpoint import load
+    from lathe.compress.pipeline import compress_checkpoint
 
     src = Path(lathe.__file__).parent / "data" / "decoder-lm"
 
     def ppl(path):
-        return heldout_perplexity(lathe.load(path), src, n_files=n_files, max_tokens=16384)["perplexity"]
+        return heldout_perplexity(load(path), src, n_files=n_files, max_tokens=16384)["perplexity"]
 
     rows = [{"model": "fp32", "perplexity": ppl(src)}]
     log(f"fp32: {rows[0]['perplexity']:.3f}")
@@ -40,7 +42,7 @@ def run(distill_steps: int = 300, n_files: int = 32, log=print) -> dict:
             for steps in (0, distill_steps):
                 name = f"2of4-{algo}" + (f"+distill{steps}" if steps else "")
                 t0 = time.time()
-                out = lathe.compress_checkpoint(src, _recipe(tmp, name, algo, steps), tmp / name)
+                out = compress_checkpoint(src, _recipe(tmp, name, algo, steps), tmp / name)
                 rows.append({"model": name, "perplexity": ppl(out), "compress_s": round(time.time() - t0, 1)})
                 log(f"{name}: {rows[-1]['perplexity']:.3f} ({rows[-1]['compress_s']} s)")
     base = rows[0]["perplexity"]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 
-def embeddings(run, tokenizer, sentences, batch_size: int = 32) -> torch.Tensor:
-    from lathe.models.bert import mean_pool
+def embeddings(run, tokenizer, sentences, batch_size: int = 32, pool=None) -> torch.Tensor:
+    """pool: the model adapter's (lathe.models.base.adapter_of(model).pool); default the
+    encoders' mean over real tokens."""
+    from lathe.models.base import mean_pool
 
+    pool = pool or mean_pool
     out = []
     for i in range(0, len(sentences), batch_size):
         b = tokenizer(sentences[i:i + batch_size])
-        out.append(mean_pool(run(b).float(), b["attention_mask"]))
+        out.append(pool(run(b).float(), b["attention_mask"]))
     return torch.cat(out)
 
 

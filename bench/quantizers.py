@@ -28,14 +28,14 @@ def decoder_dir() -> Path:
 
 
 def _scorer(src: Path, kind: str):
-    import lathe
+    from lathe.compress.checkpoint import load
     from lathe import text
 
     if kind == "encoder":
         from lathe.bench.quality import cosine_stats, embeddings
 
         tok, sents = text.Tokenizer(src), text.eval_sentences()
-        ref = embeddings(lambda b, m=lathe.load(src): m(**b), tok, sents)
+        ref = embeddings(lambda b, m=load(src): m(**b), tok, sents)
         return lambda m: cosine_stats(ref, embeddings(lambda b: m(**b), tok, sents))
     from lathe.bench.perplexity import heldout_texts, perplexity
 
@@ -44,9 +44,10 @@ def _scorer(src: Path, kind: str):
 
 
 def run(models, recipes=RECIPES, backends=BACKENDS, n_calib: int = 64, log=print) -> dict:
-    import lathe
+    from lathe.compress.checkpoint import load
+    from lathe.compress.pipeline import compress_checkpoint
     from lathe.bench.machine import describe
-    from lathe.pipeline import calibration_batches
+    from lathe.compress.pipeline import calibration_batches
 
     doc = {"kind": "quantizers", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": describe(),
            "config": {"recipes": list(recipes), "backends": list(backends), "calib_texts": n_calib},
@@ -56,7 +57,7 @@ def run(models, recipes=RECIPES, backends=BACKENDS, n_calib: int = 64, log=print
             score = _scorer(src, kind)
             with torch.inference_mode():
                 doc["results"].append({"model": label, "recipe": "fp32", "backend": "-",
-                                       **score(lathe.load(src))})
+                                       **score(load(src))})
             calib = calibration_batches(src, n=n_calib)
             for rec in recipes:
                 for be in backends:
@@ -64,10 +65,10 @@ def run(models, recipes=RECIPES, backends=BACKENDS, n_calib: int = 64, log=print
                     t0 = time.perf_counter()
                     try:
                         with tempfile.TemporaryDirectory() as tmp:
-                            out = lathe.compress_checkpoint(src, rec, Path(tmp) / "out", calib, backend=be)
+                            out = compress_checkpoint(src, rec, Path(tmp) / "out", calib, backend=be)
                             secs = time.perf_counter() - t0
                             with torch.inference_mode():
-                                q = score(lathe.load(out))
+                                q = score(load(out))
                     except Exception as e:  # one failed cell must not lose the others
                         q, secs = {"error": f"{type(e).__name__}: {e}"}, time.perf_counter() - t0
                     doc["results"].append({"model": label, "recipe": rec, "backend": be,

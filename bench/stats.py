@@ -35,16 +35,13 @@ def time_fn(fn, warmup: int = 3, min_runs: int = 100, min_seconds: float = 10.0,
         fn()
     if sync:
         sync()
+    from lathe.bench.timing import seconds
+
     times = []
     start = time.perf_counter()
     while True:
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        t1 = time.perf_counter()
-        times.append((t1 - t0) * 1e3)
-        elapsed = t1 - start
+        times.append(seconds(fn, sync) * 1e3)
+        elapsed = time.perf_counter() - start
         if len(times) >= min_runs and elapsed >= min_seconds:
             break
         if max_seconds is not None and elapsed >= max_seconds and len(times) >= 3:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lathe.compress.calibrate import smoothquant_scales
+from lathe.compress.calibration import smoothquant_scales
 from lathe.compress.formats import Int8PerChannel
 from lathe.kernels.reference import quantize_rows_u8
 

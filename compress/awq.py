@@ -31,33 +31,6 @@ from lathe.compress.formats import Int4Group
 from lathe.compress.gptq import fake_quant, few_threads
 
 
-class ChannelMeanAbs:
-    """Streaming per-input-channel mean |x| over tokens; all_reduce() combines the ranks'
-    shares under torch.distributed (every rank calls it)."""
-
-    def __init__(self, in_features: int):
-        self.sum = torch.zeros(in_features, dtype=torch.float64)
-        self.n = 0
-
-    def update(self, x: torch.Tensor):
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        a = x.abs().sum(dim=0, dtype=torch.float64)
-        self.sum = self.sum + a
-        self.n += x.shape[0]
-
-    def all_reduce(self) -> "ChannelMeanAbs":
-        from lathe.compress import distributed as dist
-
-        if dist.is_distributed():
-            dist.all_reduce_sum_(self.sum)
-            self.n = int(dist.all_reduce_count(self.n))
-        return self
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return (self.sum / max(self.n, 1)).float()
-
-
 class TokenSample:
     """Up to `max_tokens` tokens, evenly spaced within each of `n_batches` batches (the
     search's calibration sample; everything else is streamed)."""
@@ -178,4 +151,4 @@ def awq_clip(weight: torch.Tensor, sample: torch.Tensor, fmt: Int4Group, grid: i
     return clipped, {"clipped_groups": round(shrunk, 4)}
 
 
-__all__ = ["ChannelMeanAbs", "TokenSample", "awq_scales", "awq_search", "awq_clip"]
+__all__ = ["TokenSample", "awq_scales", "awq_search", "awq_clip"]

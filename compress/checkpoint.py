@@ -149,15 +149,19 @@ def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
     from lathe.compress.modules import QUANT_MODULES
     from lathe.integrations import hf_files
     from lathe.models import model_class
+    from lathe.models.base import adapter_of
 
     if hf_files.is_generic(src.config):  # any other transformers model (lathe.models.generic)
         from lathe.models.generic import load_source
+        if src.is_compressed:
+            import lathe.integrations.transformers_quantizer  # noqa: F401  (registers quant_method "lathe")
         return load_source(src, device)
     cls = model_class(src.config)
     with torch.device("meta"):
         model = cls(src.config)
         for t in (src.manifest or {}).get("transforms", []):
             model.transform(t)
+        adapter = adapter_of(model)
         for name, entry in (src.manifest or {}).get("modules", {}).items():
             qcls = QUANT_MODULES.get(entry.get("class"))
             if qcls is None:  # e.g. LowRankLinear: registered when its plugin is imported
@@ -172,8 +176,8 @@ def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
             except AttributeError:
                 raise BadInput(f"{src.path}: manifest names module {name!r} that the model lacks") from None
             setattr(owner, leaf, qcls(**entry["args"]))
-            if entry["args"].get("act") not in (None, "none") and hasattr(owner, "act_fused"):
-                owner.act_fused = True
+            if entry["args"].get("act") not in (None, "none") and adapter.fusable_act(name):
+                adapter.mark_act_fused(name)
     device = _check_device(device)
     if dtype is not None and dtype not in LOAD_DTYPES:
         raise BadInput(f"dtype must be one of {', '.join(map(str, LOAD_DTYPES))}, got {dtype}")

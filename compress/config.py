@@ -9,7 +9,7 @@ from typing import Callable, ClassVar
 from lathe.errors import BadInput
 
 
-ACT_OBSERVERS = ("minmax", "percentile", "mse", "entropy")  # = lathe.compress.calibrate.METHODS
+ACT_OBSERVERS = ("minmax", "percentile", "mse", "entropy")  # = lathe.compress.calibration.METHODS
 
 
 def _default_alpha_grid():
@@ -74,8 +74,9 @@ def register_handler(config_type: type):
 
 # Modules that define further configs and register them (and their handlers) on import. Loaded
 # lazily so `import lathe.compress.config` stays light.
-PLUGINS = ("lathe.compress.quantize", "lathe.compress.prune", "lathe.compress.lowrank",
-           "lathe.compress.distill", "lathe.compress.channel_prune", "lathe.compress.qconv")
+PLUGINS = ("lathe.compress.quantize", "lathe.compress.weight_only", "lathe.compress.prune",
+           "lathe.compress.structured", "lathe.compress.lowrank", "lathe.compress.distill",
+           "lathe.compress.channel_prune", "lathe.compress.qconv")
 
 
 def ensure_registered():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lathe.compress.calibrate import MinMaxObserver, make_observer
+from lathe.compress.calibration import MinMaxObserver, make_observer
 from lathe.compress.qconv import QConv2dInt8, affine_params
 from lathe.errors import BadInput
 

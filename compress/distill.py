@@ -157,17 +157,13 @@ CONFIGS[DistillConfig.method] = DistillConfig
 
 
 def _layers(model) -> nn.ModuleList:
-    for path in ("encoder.layer", "model.layers"):
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    raise BadInput(f"distill: {type(model).__name__} has no transformer layer list "
-                   "(encoder.layer or model.layers)")
+    from lathe.models.base import adapter_of
 
-
-def _is_decoder(model) -> bool:
-    return hasattr(model, "generate")  # lathe's causal LMs return logits; encoders hidden states
+    blocks = adapter_of(model).blocks()
+    if blocks is None:
+        raise BadInput(f"distill: {type(model).__name__} has no transformer layer list "
+                       "(encoder.layer or model.layers)")
+    return blocks
 
 
 class _Capture:
@@ -195,12 +191,8 @@ def fake_quant(w: torch.Tensor, qat: str) -> torch.Tensor:
     formats (int8: Int8PerChannel; int4: Int4Group, group 128, asymmetric)."""
     from lathe.compress.formats import Int4Group, Int8PerChannel
 
-    if qat == "int8":
-        fmt = Int8PerChannel()
-        return fmt.dequantize(*fmt.quantize(w)).to(w.dtype)
-    fmt = Int4Group(QAT_GROUP)
-    q, s, z = fmt.quantize(w)
-    return fmt.dequantize(q, s, z, w.shape[1]).to(w.dtype)
+    fmt = Int8PerChannel() if qat == "int8" else Int4Group(QAT_GROUP)
+    return fmt.roundtrip(w)
 
 
 def fake_quant_ste(w: torch.Tensor, qat: str) -> torch.Tensor:
@@ -262,7 +254,7 @@ class _Data:
     def _token_stream(path, cfg):
         from pathlib import Path
 
-        from lathe.bench.perplexity import EOT, as_tokenizers, train_texts
+        from lathe.corpus import EOT, as_tokenizers, train_texts
 
         if cfg.data:
             p = Path(cfg.data)
@@ -320,7 +312,7 @@ def _hidden_loss(s, t, kind):
     return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
 
 
-def _loss_terms(cfg, decoder, s_out, t_out, s_hid, t_hid, pairs, mask, n_tok, n_seq, hw):
+def _loss_terms(cfg, decoder, pool, s_out, t_out, s_hid, t_hid, pairs, mask, n_tok, n_seq, hw):
     """This rank's share of the global loss (sums divided by the global counts)."""
     m = mask.to(torch.float32)
     terms = {}
@@ -338,10 +330,7 @@ def _loss_terms(cfg, decoder, s_out, t_out, s_hid, t_hid, pairs, mask, n_tok, n_
             h = h + (_hidden_loss(s_hid[i].float(), t_hid[j].float(), cfg.hidden_loss) * m).sum() / n_tok
         h = h / max(len(pairs), 1)
         if not decoder:  # the sentence embedding MiniLM users consume
-            from lathe.models.bert import mean_pool
-
-            pooled = _hidden_loss(mean_pool(s_out.float(), mask), mean_pool(t_out.float(), mask),
-                                  cfg.hidden_loss)
+            pooled = _hidden_loss(pool(s_out.float(), mask), pool(t_out.float(), mask), cfg.hidden_loss)
             h = h + pooled.sum() / n_seq
         terms["hidden"] = h
         total = total + hw * h
@@ -451,7 +440,10 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
     if describe_modules(model):
         raise BadInput("distill must run before the quantization steps of a recipe (it trains fp "
                        "weights); use distill.qat for quantization-aware training")
-    decoder = _is_decoder(model)
+    from lathe.models.base import adapter_of
+
+    adapter = adapter_of(model)
+    decoder = adapter.is_decoder
     hw = cfg.hidden_weight if cfg.hidden_weight is not None else \
         (1.0 if (not decoder or cfg.layer_map is not None) else 0.0)
     if (cfg.kl_weight if decoder else 0.0) + hw <= 0:
@@ -511,7 +503,7 @@ def handler(model, cfg: DistillConfig, calib, progress, ctx=None) -> dict:
             with torch.no_grad():
                 t_out = teacher(**batch)
             s_out = wrapped(**batch)
-            loss, terms = _loss_terms(cfg, decoder, s_out, t_out, s_cap.out, t_cap.out, pairs,
+            loss, terms = _loss_terms(cfg, decoder, adapter.pool, s_out, t_out, s_cap.out, t_cap.out, pairs,
                                       mask, counts[0], counts[1], hw)
             opt.zero_grad(set_to_none=True)
             (loss * dist.world()).backward()  # DDP / FSDP average gradients over ranks

@@ -114,35 +114,16 @@ def factorize(lin: nn.Linear, rank: int | None = None, energy: float | None = No
 
 
 def _rms(model, names, calib):
-    """Per-input-channel RMS of each named Linear's calibration inputs (one pass)."""
-    from lathe.compress import distributed as dist
-    from lathe.compress.weight_only import _token_mask, _tokens
+    """Per-input-channel RMS of each named Linear's calibration inputs (one pass; under
+    torchrun every rank's share summed, a rank may have seen none)."""
+    from lathe.compress.calibration import ChannelSum, observe
 
-    acc, state, hooks = {}, {}, []
-
-    def pre(name):
-        def hook(mod, args):
-            x = _tokens(args[0].detach(), state["mask"]).double()
-            s, n = acc.get(name, (0.0, 0))
-            acc[name] = (s + x.pow(2).sum(0), n + x.shape[0])
-        return hook
-
-    hooks = [model.get_submodule(n).register_forward_pre_hook(pre(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for b in calib:
-                state["mask"] = _token_mask(b)
-                model(**b)
-    finally:
-        for h in hooks:
-            h.remove()
+    obs = observe(model, {n: [ChannelSum(model.get_submodule(n).in_features, power=2)] for n in names}, calib)
     out = {}
-    for n in names:  # under torchrun: sum every rank's share (a rank may have seen none)
-        s, c = acc.get(n, (torch.zeros(model.get_submodule(n).in_features, dtype=torch.float64), 0))
-        s = dist.all_reduce_sum_(s.clone())
-        c = dist.all_reduce_count(c)
-        if c:
-            out[n] = (s / c).sqrt().float()
+    for n in names:
+        acc = obs[n][0].all_reduce()
+        if acc.n:
+            out[n] = (acc.sum / acc.n).sqrt().float()
     return out
 
 

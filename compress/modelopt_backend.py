@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from lathe.errors import BadInput
+from lathe.models.base import adapter_of
 
 INSTALL_HINT = "pip install 'lathe[modelopt]'"
 
@@ -193,14 +194,27 @@ def _quantized_linears(qmodel):
             yield n, m
 
 
+def _convert_w8a8(q, name, step, adapter):
+    act = (step.fuse_act and adapter.fusable_act(name)) or "none"
+    if act != "none":
+        adapter.mark_act_fused(name)
+    return to_w8a8(q, name, act, not step.act_symmetric)
+
+
+# lathe format name -> converter (ModelOpt QuantLinear, name, recipe step, model adapter) -> module
+CONVERTERS = {"int8_per_channel_sym": _convert_w8a8,
+              "int4_group": lambda q, name, step, adapter: to_w4a16(q, name, step.group_size),
+              "fp8_e4m3": lambda q, name, step, adapter: to_fp8(q, name)}
+STEP_FORMAT = {"int8": "int8_per_channel_sym", "int4": "int4_group", "fp8": "fp8_e4m3"}  # recipe method -> format
+
+
 def quantize_step(model: nn.Module, step, batches, progress=None, fresh=None) -> tuple[nn.Module, dict]:
     """Calibrate `model` (lathe's fp32 model; ModelOpt modifies it in place) with ModelOpt for
     one recipe step and return (a model holding lathe's quantized modules, the step report).
     fresh: an unmodified copy of the model to put the converted modules into (default: a
     deep copy taken before calibration)."""
-    from lathe.compress.config import Fp8Config, Int4Config
     from lathe.compress.formats import check_finite
-    from lathe.compress.quantize import _set_module
+    from lathe.compress.graph import set_module as _set_module
 
     mtq = import_mtq()
     if not batches:
@@ -222,17 +236,7 @@ def quantize_step(model: nn.Module, step, batches, progress=None, fresh=None) ->
             if t is not None and not torch.isfinite(t).all():
                 raise BadInput(f"ModelOpt's calibration gave NaN/Inf {what} for {n}: the calibration "
                                "activations hold NaN/Inf")
-        if isinstance(step, Int4Config):
-            new = to_w4a16(q, n, step.group_size)
-        elif isinstance(step, Fp8Config):
-            new = to_fp8(q, n)
-        else:
-            owner = target.get_submodule(n.rpartition(".")[0]) if "." in n else None
-            act = "none"
-            if step.fuse_act and owner is not None and getattr(owner, "act", None) == "gelu" \
-                    and hasattr(owner, "act_fused"):
-                act, owner.act_fused = "gelu", True
-            new = to_w8a8(q, n, act, not step.act_symmetric)
+        new = CONVERTERS[STEP_FORMAT[step.method]](q, n, step, adapter_of(target))
         if q.input_quantizer.is_enabled and q.input_quantizer.amax is not None:
             input_amax[n] = float(q.input_quantizer.amax.float().amax())
         _set_module(target, n, new)
@@ -250,7 +254,7 @@ def quantize_step(model: nn.Module, step, batches, progress=None, fresh=None) ->
 
 
 def run_recipe(source, recipe, batches, progress=None) -> tuple[nn.Module, dict]:
-    """The modelopt backend of lathe.pipeline.compress_checkpoint: one quantization step."""
+    """The modelopt backend of lathe.compress.pipeline.compress_checkpoint: one quantization step."""
     from lathe.compress.checkpoint import build_model
 
     import_mtq()

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from lathe.compress.calibration import ChannelSum
 from lathe.compress.config import CONFIGS, _check_bool, _check_skip, register_handler
 from lathe.compress.gptq import HessianAccumulator, _inverse_cholesky, few_threads
 from lathe.errors import BadInput
@@ -190,32 +191,6 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, sparsity: float, nm=N
     return W, {"loss": float(loss.sum()), "dead_columns": int(dead.sum()), "damp": float(lam)}
 
 
-class ChannelSqSum:
-    """Running sum of x_j^2 over tokens (for ||X_j||_2), float64. Under torch.distributed,
-    all_reduce() sums the ranks' shares (every rank calls it)."""
-
-    def __init__(self, in_features: int):
-        self.sq, self.n = torch.zeros(in_features, dtype=torch.float64), 0
-
-    def update(self, x: torch.Tensor):
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        s = x.pow(2).sum(0)
-        self.sq = self.sq + s
-        self.n += x.shape[0]
-
-    def all_reduce(self) -> "ChannelSqSum":
-        from lathe.compress import distributed as dist
-
-        if dist.is_distributed():
-            dist.all_reduce_sum_(self.sq)
-            self.n = int(dist.all_reduce_count(self.n))
-        return self
-
-    @property
-    def norm(self) -> torch.Tensor:
-        return self.sq.sqrt().float()
-
-
 # ----------------------------------------------------------------------------- handler
 
 
@@ -290,7 +265,7 @@ def _prune(model, cfg: PruneConfig, calib, progress, ctx=None):
 
         def process(names, stream):
             if cfg.algo == "wanda":
-                acc = ChannelSqSum(model.get_submodule(names[0]).in_features)
+                acc = ChannelSum(model.get_submodule(names[0]).in_features, power=2)
                 stream(acc.update)
                 acc.all_reduce()
             else:
@@ -340,6 +315,4 @@ def _prune(model, cfg: PruneConfig, calib, progress, ctx=None):
 
 
 __all__ = ["PruneConfig", "parse_pattern", "nm_keep", "row_keep", "layer_keep", "wanda_score",
-           "sparsegpt_prune", "ChannelSqSum"]
-
-import lathe.compress.structured  # noqa: E402,F401  (registers prune-structured: not in config.PLUGINS)
+           "sparsegpt_prune"]

@@ -135,7 +135,9 @@ class QConv2dInt8(nn.Module):
         m.bias.copy_(b)
         return m.prepare()
 
-    def prepare(self):
+    def prepare(self, dtype=None):
+        """Pack the weight for the CPU kernel (once, at load time). dtype (lathe.load's activation
+        dtype) changes nothing here: the int8 conv keeps its scales and bias in fp32."""
         from lathe.kernels.dispatch import backend_for
         if self.weight.device.type == "cpu" and backend_for("conv2d_int8", "cpu") == "cpu":
             from lathe.kernels import cpu_conv

@@ -7,12 +7,14 @@ import torch
 import torch.nn as nn
 
 from lathe.compress.alpha_search import search_alpha
-from lathe.compress.calibrate import (AbsMaxObserver, RowSample, Scaled, make_observer, observe,
-                                     smoothquant_scales)
+from lathe.compress.calibration import (AbsMaxObserver, RowSample, Scaled, make_observer, observe,
+                                       smoothquant_scales)
 from lathe.compress.config import HANDLERS, Int8Config, register_handler
-from lathe.compress.formats import check_finite
+from lathe.compress.formats import check_finite, sqnr_db  # noqa: F401  (sqnr_db re-exported)
+from lathe.compress.graph import groups as _groups, set_module as _set_module
 from lathe.compress.modules import QLinearW8A8
 from lathe.errors import BadInput
+from lathe.models.base import adapter_of
 
 
 def quantize(model: nn.Module, config, calib=None, progress=None, ctx=None) -> dict:
@@ -30,18 +32,6 @@ def quantize(model: nn.Module, config, calib=None, progress=None, ctx=None) -> d
     if handler is None:
         raise BadInput(f"no handler for config type {type(config).__name__}")
     return handler(model, config, calib, progress, ctx)
-
-
-def _set_module(model, name, new):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def _groups(model):
-    """(input-owner, [linear names]) groups; models without an adapter get one group a Linear."""
-    if hasattr(model, "linear_groups"):
-        return list(model.linear_groups())
-    return [(n, [n]) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def _smoothing(model, cfg: Int8Config, groups, modules, calib, progress):
@@ -87,6 +77,7 @@ def _static_act_scales(model, cfg: Int8Config, groups, smooth, calib) -> dict:
 
 @register_handler(Int8Config)
 def _int8(model, cfg: Int8Config, calib, progress, ctx=None):
+    adapter = adapter_of(model)
     groups = _groups(model)
     modules = dict(model.named_modules())
     skipped, done = [], []
@@ -113,11 +104,9 @@ def _int8(model, cfg: Int8Config, calib, progress, ctx=None):
             if any(fnmatch.fnmatch(n, p) for p in cfg.skip):
                 skipped.append((n, "skip list"))
                 continue
-            act = "none"
-            owner = model.get_submodule(n.rpartition(".")[0]) if "." in n else None
-            if cfg.fuse_act and owner is not None and getattr(owner, "act", None) == "gelu" \
-                    and hasattr(owner, "act_fused"):
-                act, owner.act_fused = "gelu", True
+            act = (cfg.fuse_act and adapter.fusable_act(n)) or "none"
+            if act != "none":
+                adapter.mark_act_fused(n)
             _set_module(model, n, QLinearW8A8.from_linear(lin, n, act, smooth.get(n), not cfg.act_symmetric))
             done.append(n)
     transforms = []
@@ -126,13 +115,3 @@ def _int8(model, cfg: Int8Config, calib, progress, ctx=None):
         transforms.append("fuse_qkv")
     return {"method": "int8", "quantized": done, "skipped": [f"{n}: {why}" for n, why in skipped],
             "transforms": transforms, **extra}
-
-
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (torchao's habit)."""
-    ref, test = ref.double(), test.double()
-    noise = (ref - test).pow(2).mean()
-    if noise == 0:
-        return float("inf")
-    return float(10 * torch.log10(ref.pow(2).mean() / noise))
-import lathe.compress.weight_only  # noqa: E402,F401  (registers the int4 / int8-weight-only / fp8 handlers)

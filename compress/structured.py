@@ -1,7 +1,7 @@
 """Structured pruning that physically shrinks the model: attention heads (respecting GQA
 groups), FFN intermediate neurons, whole layers, and Conv2d channels.
 
-Transformer models say where their parts live through a class attribute PRUNE_SPEC (see
+Transformer models say where their parts live through their adapter's prune_spec (PRUNE_SPEC; see
 lathe.models.bert / llama). The same number of heads / neurons is kept in every layer (the
 config is uniform), each layer choosing its own by importance:
 - activation: the channel's contribution at the Linear that consumes it, ||X_j||_2 *
@@ -139,7 +139,8 @@ def _activation_stats(model, spec, n_layers, calib, progress, gram: bool = False
     """Per layer: sum of x_j^2 at the o-projection's and FFN-out's inputs, and the mean Block
     Influence 1 - cos(in, out) over real tokens. gram: also X^T X of those inputs, with a
     column of ones appended (the bias), for least-squares reconstruction."""
-    from lathe.compress.weight_only import _first, _token_mask, _tokens
+    from lathe.compress.calibration import real_tokens as _tokens, run_batches
+    from lathe.compress.weight_only import _first
 
     stats = [{"o": 0.0, "ffn": 0.0, "bi": 0.0, "n": 0} for _ in range(n_layers)]
     state, hooks = {}, []
@@ -171,16 +172,7 @@ def _activation_stats(model, spec, n_layers, calib, progress, gram: bool = False
         hooks += [p.get("o").register_forward_pre_hook(sq(i, "o")),
                   p.get("ffn_out").register_forward_pre_hook(sq(i, "ffn")),
                   p.block.register_forward_hook(block_hook(i))]
-    try:
-        with torch.no_grad():
-            for j, b in enumerate(calib):
-                state["mask"] = _token_mask(b)
-                model(**b)
-                if progress:
-                    progress(j + 1, len(calib))
-    finally:
-        for h in hooks:
-            h.remove()
+    run_batches(model, calib, hooks, state, progress, torch.no_grad)
     _all_reduce_stats(stats)
     for s in stats:
         s["bi"] /= max(s["n"], 1)
@@ -211,8 +203,9 @@ def _loss(model, out, batch):
     """Decoders: next-token cross-entropy; encoders: mean L2 norm of the output vectors."""
     mask = batch.get("attention_mask")
     mask = torch.ones(batch["input_ids"].shape) if mask is None else mask
-    c = getattr(model, "config", {}) or {}
-    if out.shape[-1] == c.get("vocab_size") != c.get("hidden_size"):  # logits
+    from lathe.models.base import adapter_of
+
+    if adapter_of(model).is_decoder:  # logits
         tgt = batch["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]).float(), tgt.reshape(-1),
                                ignore_index=-100)
@@ -377,7 +370,9 @@ def _check_plain(model, spec, n_layers):
 def prune_transformer(model, cfg: StructuredPruneConfig, calib, progress) -> dict:
     from lathe.compress.weight_only import _need_calib
 
-    spec = getattr(type(model), "PRUNE_SPEC", None)
+    from lathe.models.base import adapter_of
+
+    spec = adapter_of(model).prune_spec
     if spec is None:
         raise BadInput(f"prune-structured: {type(model).__name__} has no PRUNE_SPEC (heads, ffn and "
                        "layers are known for lathe's BERT and Llama models); conv_channels works on any model")

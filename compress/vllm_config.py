@@ -73,22 +73,50 @@ def _args(num_bits, symmetric, strategy, group_size=None, dynamic=False) -> dict
             "group_size": group_size, "dynamic": dynamic}
 
 
+def _w8a8_scheme(m) -> tuple[str, dict]:
+    return INT8_FORMAT, {"weights": _args(8, True, "channel"),
+                         "input_activations": _args(8, not m.act_asym, "token", dynamic=True)}
+
+
+def _w8a8_tensors(m) -> dict:
+    return {"weight": m.weight, "weight_scale": m.weight_scale.float().reshape(-1, 1)}
+
+
+def _w4a16_scheme(m) -> tuple[str, dict]:
+    return INT4_FORMAT, {"weights": _args(4, m.symmetric, "group", m.group_size), "input_activations": None}
+
+
+def _w4a16_tensors(m) -> dict:
+    out = {"weight_packed": qweight_to_packed(m.qweight), "weight_scale": m.scales.float(),
+           "weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64)}
+    if not m.symmetric:
+        out["weight_zero_point"] = m.zeros  # packed after the row split, along N
+    return out
+
+
+# lathe format name -> (scheme, tensors) of its compressed-tensors export
+SCHEMES = {"int8_per_channel_sym": (_w8a8_scheme, _w8a8_tensors),
+           "int4_group": (_w4a16_scheme, _w4a16_tensors)}
+
+
+def _scheme(m):
+    from lathe.compress.formats import format_of
+
+    fmt = format_of(m)
+    entry = SCHEMES.get(fmt.name) if fmt is not None else None
+    if entry is None:
+        raise BadInput(f"{type(m).__name__} has no compressed-tensors export yet (int8 W8A8 and int4 W4A16 do)")
+    return entry
+
+
 def scheme_of(m) -> tuple[str, dict]:
     """(format, {weights, input_activations}) of a lathe quantized module, or BadInput."""
-    from lathe.compress.modules import QLinearW4A16, QLinearW8A8
-
     smooth = getattr(m, "smooth", None)
     if smooth is not None and not torch.all(smooth == 1):
         raise BadInput(f"{type(m).__name__} carries a per-channel input multiplier (SmoothQuant/AWQ) "
                        "that compressed-tensors cannot express; compress with int8-dynamic, int4-rtn "
                        "or int4-gptq for vLLM")
-    if isinstance(m, QLinearW8A8):
-        return INT8_FORMAT, {"weights": _args(8, True, "channel"),
-                             "input_activations": _args(8, not m.act_asym, "token", dynamic=True)}
-    if isinstance(m, QLinearW4A16):
-        return INT4_FORMAT, {"weights": _args(4, m.symmetric, "group", m.group_size),
-                             "input_activations": None}
-    raise BadInput(f"{type(m).__name__} has no compressed-tensors export yet (int8 W8A8 and int4 W4A16 do)")
+    return _scheme(m)[0](m)
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -109,15 +137,7 @@ def _split_sizes(model, parent: str, leaf: str):
 
 def _module_tensors(m) -> dict:
     """compressed-tensors names -> tensors for one module (full rows)."""
-    from lathe.compress.modules import QLinearW8A8
-
-    if isinstance(m, QLinearW8A8):
-        out = {"weight": m.weight, "weight_scale": m.weight_scale.float().reshape(-1, 1)}
-    else:
-        out = {"weight_packed": qweight_to_packed(m.qweight), "weight_scale": m.scales.float(),
-               "weight_shape": torch.tensor([m.out_features, m.in_features], dtype=torch.int64)}
-        if not m.symmetric:
-            out["weight_zero_point"] = m.zeros  # packed after the row split, along N
+    out = _scheme(m)[1](m)
     if m.bias is not None:
         out["bias"] = m.bias.float()
     return out
@@ -207,11 +227,10 @@ def export_compressed_tensors(src, out) -> Path:
 def _write(source, out):
     from safetensors.torch import save_file
 
-    import lathe
-    from lathe.compress.checkpoint import COPY
+    from lathe.compress.checkpoint import COPY, load
     from lathe.io import atomic_dir
 
-    model = lathe.load(source.path)
+    model = load(source.path)
     qcfg = quantization_config(model)
     sd, _, _ = compressed_tensors_state(model)
     config = dict(source.config, quantization_config=qcfg)

@@ -4,7 +4,7 @@ sensitivity report.
 
 Layer-by-layer calibration (GPTQ and AWQ): when the model exposes its blocks
 (`model.encoder.layer` for BERT, `model.model.layers` for Llama-style decoders, ...; see
-BLOCK_PATHS), the inputs of block 0 are captured once per calibration batch, then blocks are
+lathe.models.base.BLOCK_PATHS), the inputs of block 0 are captured once per calibration batch, then blocks are
 processed one at a time: inside a block the Linear groups are quantized in order, each from
 statistics of its input computed with the earlier groups already quantized (the block is run
 on the captured inputs and stopped at the group's first Linear), and the quantized block's
@@ -24,18 +24,18 @@ import time
 import torch
 import torch.nn as nn
 
-from lathe.compress.awq import ChannelMeanAbs, TokenSample, awq_clip, awq_search
+from lathe.compress.awq import TokenSample, awq_clip, awq_search
+from lathe.compress.calibration import ChannelSum, real_tokens, token_mask
 from lathe.compress.config import Fp8Config, Int4Config, Int8WeightOnlyConfig, register_handler
-from lathe.compress.formats import Int4Group, check_finite
+from lathe.compress.formats import Int4Group, check_finite, sqnr_db
+from lathe.compress.graph import groups as _groups, set_module as _set_module
 from lathe.compress.gptq import HessianAccumulator, gptq_quantize
 from lathe.compress.modules import QLinearFP8, QLinearW4A16, QLinearW8A16
-from lathe.compress.quantize import _groups, _set_module, sqnr_db
 from lathe.errors import BadInput
+from lathe.models.base import BLOCK_PATHS, adapter_of  # noqa: F401  (BLOCK_PATHS re-exported)
 
 log = logging.getLogger("lathe.compress")
 
-BLOCK_PATHS = ("encoder.layer", "model.layers", "model.decoder.layers", "transformer.h",
-               "gpt_neox.layers", "decoder.layers", "layers", "blocks", "h")
 AWQ_SAMPLE_TOKENS = 1024  # tokens of each group's input kept for AWQ's loss (the rest streams)
 
 
@@ -84,16 +84,7 @@ def _need_calib(calib, what: str):
                        "(--calib FILE with at least one line)")
 
 
-def _token_mask(batch):
-    m = batch.get("attention_mask") if isinstance(batch, dict) else None
-    return None if m is None else m.bool()
-
-
-def _tokens(x: torch.Tensor, mask) -> torch.Tensor:
-    """x [..., K] -> [T, K], padding tokens dropped when the mask fits x's leading dims."""
-    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask]
-    return x.reshape(-1, x.shape[-1])
+_token_mask, _tokens = token_mask, real_tokens  # the driver's one padding selection
 
 
 def _first(out):
@@ -112,19 +103,10 @@ class _Stop(Exception):
 
 
 def find_blocks(model: nn.Module):
-    """(path, ModuleList) of the model's repeated blocks, or None."""
-    if callable(getattr(model, "blocks", None)):  # the adapter knows (lathe.models.generic)
-        found = model.blocks()
-        if found:
-            return found
-    for p in BLOCK_PATHS:
-        try:
-            m = model.get_submodule(p)
-        except AttributeError:
-            continue
-        if isinstance(m, nn.ModuleList) and len(m) > 0:
-            return p, m
-    return None
+    """(path, ModuleList) of the model's repeated blocks (its adapter's), or None."""
+    a = adapter_of(model)
+    blocks = a.blocks()
+    return (a.blocks_path, blocks) if blocks is not None and len(blocks) > 0 else None
 
 
 def _block_index(name: str, path: str):
@@ -271,7 +253,7 @@ def _int4_group(model, names, cfg: Int4Config, fmt: Int4Group, stream, details, 
                                               weight=Q, scales=s, zeros=z)
         return new
     # awq
-    stats, sample = ChannelMeanAbs(K), TokenSample(AWQ_SAMPLE_TOKENS, n_batches)
+    stats, sample = ChannelSum(K, power=1), TokenSample(AWQ_SAMPLE_TOKENS, n_batches)
 
     def both(x):
         stats.update(x)

@@ -9,12 +9,11 @@ graph has no size-specific branch, and validation runs it at past 0 (prefill) an
 of lathe's `generate`."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn as nn
 
 from lathe.errors import ValidationFailed
+from lathe.export.validate import Validation
 
 TOL = {"min_cos": 0.9999, "max_rel": 1e-3}  # fp32 and weight-only: the same math
 TOL_QUANT = {"min_cos": 0.995, "max_rel": 0.1}  # dynamic int8 / MatMulNBits int8 activations
@@ -85,30 +84,12 @@ def export_decoder(model, source, out, target, opset, validate, accuracy_level, 
 
 
 def _weight_only(model) -> bool:
-    from lathe.compress.modules import QLinearW8A16
+    from lathe.compress.formats import quantized_modules
 
-    return all(isinstance(m, QLinearW8A16) or "QLinear" not in type(m).__name__ for m in model.modules())
+    return all(m.format.exact_lowering for _, m in quantized_modules(model))
 
 
-@dataclass
-class DecoderValidation:
-    path: str
-    max_abs: float
-    max_rel: float
-    min_cos: float
-    steps: list
-    greedy_match: bool
-    passed: bool
-
-    def summary(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
-        return (f"validation {verdict}: {self.path} (decoder, KV cache) vs PyTorch on onnxruntime: "
-                f"max abs {self.max_abs:.2e}, max rel {self.max_rel:.2e}, min cosine {self.min_cos:.6f} "
-                f"(logits and present) over {self.steps}; greedy decode "
-                f"{'matches' if self.greedy_match else 'DIFFERS from'} lathe generate")
-
-    def to_dict(self):
-        return asdict(self)
+DecoderValidation = Validation  # one dataclass for every export check
 
 
 def _feed(ids, mask, pos, cache):
@@ -180,7 +161,7 @@ def validate_decoder(path, model, tol=TOL, reference_ops=(), raise_on_fail: bool
     got = ort_generate(sess, prompt, n, kv, d, gen_tokens)
     match = torch.equal(want, got)
     ok = match and min_cos >= tol["min_cos"] and max_rel <= tol["max_rel"]
-    v = DecoderValidation(str(path), max_abs, max_rel, min_cos, steps, match, ok)
+    v = Validation(str(path), "decoder, KV cache", max_abs, max_rel, min_cos, steps, ok, match)
     if not ok and raise_on_fail:
         raise ValidationFailed(v.summary() + f" (needs min cosine >= {tol['min_cos']}, max rel <= {tol['max_rel']})")
     return v

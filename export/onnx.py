@@ -42,12 +42,12 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     `max_act_error` gets scale None: the lowering keeps its activations in floating point
     (weight-only int8 DQ, no activation Q/DQ). max_act_error=float("inf") quantizes all.
     method: how amax is chosen, minmax (max |x|) or a histogram observer that may clip:
-    percentile, mse, entropy (lathe.compress.calibrate.make_observer)."""
-    from lathe.compress.calibrate import make_observer
-    from lathe.compress.modules import QLinearW8A8
+    percentile, mse, entropy (lathe.compress.calibration.make_observer)."""
+    from lathe.compress.calibration import make_observer, real_tokens
+    from lathe.compress.formats import quantized_modules
     from lathe.text import Tokenizer, batches, calibration_texts
 
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, QLinearW8A8)}
+    mods = {n: m for n, m in quantized_modules(model) if m.format.act_int8}
     if not mods:
         return {}
     texts = list(texts or calibration_texts())
@@ -64,9 +64,7 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
             x = args[0].detach().float()
             if mod.smooth is not None:
                 x = x * mod.smooth
-            m = state.get("mask")
-            if m is not None and x.dim() == 3 and tuple(m.shape) == tuple(x.shape[:2]):
-                x = x[m.bool()]
+            x = real_tokens(x, state.get("mask"))
             if not x.numel():
                 return
             if state["pass"] == 0:
@@ -152,18 +150,10 @@ REFERENCE_OPS = ("linear_w4a16",)
 
 def precision_of(model, target: str, int8_mode: str, accuracy_level: int) -> str:
     """The validation tolerance (lathe.export.validate.TOLERANCE) for the loosest module kind."""
-    from lathe.compress.modules import QLinearFP8, QLinearW4A16, QLinearW8A8, QLinearW8A16
+    from lathe.compress.formats import quantized_modules
 
-    kinds = {type(m) for m in model.modules()}
-    if QLinearW8A8 in kinds:
-        return "int8-static" if target == "tensorrt" else {"exact": "int8", "fused": "int8"}.get(int8_mode, "int8-" + int8_mode)
-    if QLinearFP8 in kinds:
-        return "fp8"
-    if QLinearW4A16 in kinds and target == "onnxruntime" and accuracy_level >= 2:
-        return "int4-a8"  # MatMulNBits computes in fp16/bf16/int8 (4: int8 activations per block)
-    if QLinearW4A16 in kinds or QLinearW8A16 in kinds:
-        return "weight-only"
-    return "fp32"
+    ranked = [m.format.precision(target, int8_mode, accuracy_level) for _, m in quantized_modules(model)]
+    return min(ranked)[1] if ranked else "fp32"
 
 
 def fast_exact_modules(model, model_dir, calib=None, max_act_error: float = 0.08) -> set:
@@ -209,7 +199,7 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
         raise BadInput(f"unknown export target {target!r}: expected one of {', '.join(TARGETS)}")
     if int8_mode not in INT8_MODES:
         raise BadInput(f"unknown int8 mode {int8_mode!r}: expected one of {', '.join(INT8_MODES)}")
-    from lathe.compress.calibrate import METHODS
+    from lathe.compress.calibration import METHODS
     if calib_method not in METHODS:
         raise BadInput(f"unknown calibration method {calib_method!r}: expected one of {', '.join(METHODS)}")
     if accuracy_level not in (0, 1, 2, 3, 4):
@@ -234,11 +224,11 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
 
 def _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, accuracy_level,
             external_data, slim, calib_method):
-    import lathe
+    from lathe.compress.checkpoint import load
     from lathe.export.validate import validate_onnx
     from lathe.export.weight_only import needs_opset
 
-    model = lathe.load(source.path)
+    model = load(source.path)
     need = needs_opset(model, target)
     if opset is not None and opset < need:
         raise BadInput(f"opset {opset} is too old for this model's quantized modules: it needs {need}")
@@ -247,7 +237,9 @@ def _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, 
         from lathe.export.generic import export_generic
         return export_generic(model, source, out, target, opset, validate, int8_mode, accuracy_level,
                               external_data, slim)
-    if source.model_type == "llama":
+    from lathe.models.base import adapter_of
+
+    if adapter_of(model).is_decoder:
         from lathe.export.decoder import export_decoder
         return export_decoder(model, source, out, target, opset, validate, accuracy_level,
                               external_data, slim)

@@ -30,6 +30,9 @@ TOLERANCE = {"fp32": {"min_cos": 0.9999, "max_rel": 1e-3}, "int8": {"min_cos": 0
 
 @dataclass
 class Validation:
+    """The verdict of every export check (encoders and decoders). shapes: the [batch, seq]
+    pairs run, or a decoder's steps ({batch, seq, past}); greedy_match: a decoder's greedy
+    decode on onnxruntime equals lathe's generate (None for encoders)."""
     path: str
     precision: str
     max_abs: float
@@ -37,25 +40,36 @@ class Validation:
     min_cos: float
     shapes: list
     passed: bool
+    greedy_match: bool | None = None
+
+    @property
+    def steps(self) -> list:
+        return self.shapes
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        return (f"validation {verdict}: {self.path} ({self.precision}) vs PyTorch on onnxruntime: "
-                f"max abs {self.max_abs:.2e}, max rel {self.max_rel:.2e}, min cosine {self.min_cos:.6f} "
-                f"over shapes {self.shapes}")
+        head = (f"validation {verdict}: {self.path} ({self.precision}) vs PyTorch on onnxruntime: "
+                f"max abs {self.max_abs:.2e}, max rel {self.max_rel:.2e}, min cosine {self.min_cos:.6f} ")
+        if self.greedy_match is None:
+            return head + f"over shapes {self.shapes}"
+        return (head + f"(logits and present) over {self.shapes}; greedy decode "
+                f"{'matches' if self.greedy_match else 'DIFFERS from'} lathe generate")
 
     def to_dict(self):
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def ort_session(path, threads: int | None = None):
+def ort_session(model, threads: int | None = None):
+    """The one onnxruntime CPU session builder: `model` is a path or an onnx ModelProto;
+    intra-op threads = threads or torch's, one inter-op thread, warnings off."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
 def validate_onnx(path, model, model_dir, quantized: bool, raise_on_fail: bool = True,
@@ -68,7 +82,7 @@ def validate_onnx(path, model, model_dir, quantized: bool, raise_on_fail: bool =
     from lathe.kernels.dispatch import use_backend
     import onnx
 
-    from lathe.models.bert import mean_pool
+    from lathe.models.base import adapter_of
     from lathe.text import Tokenizer, eval_sentences
 
     onnx.checker.check_model(str(path))
@@ -88,8 +102,8 @@ def validate_onnx(path, model, model_dir, quantized: bool, raise_on_fail: bool =
         got = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in b.items() if k in names})[0])
         max_abs = max(max_abs, float((got - ref).abs().max()))
         max_rel = max(max_rel, float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12)))
-        cos = torch.nn.functional.cosine_similarity(mean_pool(got, b["attention_mask"]),
-                                                    mean_pool(ref, b["attention_mask"]))
+        pool = adapter_of(model).pool
+        cos = torch.nn.functional.cosine_similarity(pool(got, b["attention_mask"]), pool(ref, b["attention_mask"]))
         min_cos = min(min_cos, float(cos.min()))
         shapes.append([batch, seq])
     prec = precision or ("int8" if quantized else "fp32")

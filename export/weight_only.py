@@ -151,19 +151,11 @@ def linear_fp8(x, w_fp8, w_scale, bias=None, act_granularity: str = "per_token")
 
 
 def needs_opset(model, target: str) -> int:
-    """The lowest opset the model's modules need: 21 for blocked DequantizeLinear (int4 on
-    tensorrt, grouped int8 weight-only), 19 for FP8, else 18."""
-    from lathe.compress.modules import QLinearFP8, QLinearW4A16, QLinearW8A16
+    """The lowest opset the model's modules need (each format's min_opset: 21 for blocked
+    DequantizeLinear, int4 on tensorrt and grouped int8 weight-only; 19 for FP8), at least 18."""
+    from lathe.compress.formats import quantized_modules
 
-    need = 18
-    for m in model.modules():
-        if isinstance(m, QLinearW4A16) and target == "tensorrt":
-            need = max(need, 21)
-        elif isinstance(m, QLinearW8A16) and m.group_size:
-            need = max(need, 21)
-        elif isinstance(m, QLinearFP8):
-            need = max(need, 19)
-    return need
+    return max([18] + [m.format.min_opset(target) for _, m in quantized_modules(model)])
 
 
 def table(target: str, buffers: Buffers | None, accuracy_level: int = 4) -> dict:

@@ -7,13 +7,15 @@ import contextlib
 import torch
 
 from lathe import _ext
+from lathe.errors import BadInput
+from lathe.kernels.boundary import checked
 
 ACTS = {"none": 0, "gelu": 1, "silu": 2}
 ISAS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512_bf16": 3, "amx": 4}
 
 
 def _C():
-    return _ext.require_cpu()
+    return checked(_ext.require_cpu())
 
 
 def best_isa() -> str:
@@ -46,7 +48,7 @@ def force_isa(name: str):
     """Run the CPU kernels on a given ISA level, at most the best (tests use it to reach every path)."""
     C = _C()
     if name not in ISAS:
-        raise ValueError(f"unknown ISA {name!r}: expected one of {sorted(ISAS)}")
+        raise BadInput(f"unknown ISA {name!r}: expected one of {sorted(ISAS)}")
     prev = C.active_isa()
     C.force_isa(ISAS[name])
     try:
@@ -58,11 +60,11 @@ def force_isa(name: str):
 def int8_pack(w_q: torch.Tensor):
     """int8 [N, K] -> (packed int8 [bytes], colsum int32 [N padded to 16]) in the VNNI layout."""
     if not (w_q.dtype == torch.int8):
-        raise ValueError(f"int8_pack: weight must be int8, got {w_q.dtype}")
+        raise BadInput(f"int8_pack: weight must be int8, got {w_q.dtype}")
     if not (w_q.dim() == 2):
-        raise ValueError(f"int8_pack: weight must be 2-D [N, K], got shape {tuple(w_q.shape)}")
+        raise BadInput(f"int8_pack: weight must be 2-D [N, K], got shape {tuple(w_q.shape)}")
     if not (w_q.device.type == "cpu"):
-        raise ValueError(f"int8_pack: weight must be on the CPU, got {w_q.device}")
+        raise BadInput(f"int8_pack: weight must be on the CPU, got {w_q.device}")
     w_q = w_q.contiguous()
     N, K = w_q.shape
     C = _C()
@@ -77,27 +79,27 @@ def int8_linear(x, packed, colsum, w_scale, bias, N: int, act: str = "none", smo
     """x fp32 [..., K] -> fp32 [..., N] through the W8A8 kernel (per-token dynamic quant of
     x * smooth, where smooth is SmoothQuant's inverse scale [K] or None)."""
     if not (x.dtype == torch.float32):
-        raise ValueError(f"int8_linear: x must be float32, got {x.dtype}")
+        raise BadInput(f"int8_linear: x must be float32, got {x.dtype}")
     if not (x.device.type == "cpu"):
-        raise ValueError(f"int8_linear: x must be on the CPU, got {x.device}")
+        raise BadInput(f"int8_linear: x must be on the CPU, got {x.device}")
     if not (act in ACTS):
-        raise ValueError(f"int8_linear: unknown act {act!r}: expected one of {sorted(ACTS)}")
+        raise BadInput(f"int8_linear: unknown act {act!r}: expected one of {sorted(ACTS)}")
     K = x.shape[-1]
     C = _C()
     if not (packed.dtype == torch.int8 and packed.numel() == C.int8_packed_bytes(N, K)):
-        raise ValueError(f"int8_linear: packed weight holds {packed.numel()} bytes, expected "
+        raise BadInput(f"int8_linear: packed weight holds {packed.numel()} bytes, expected "
                          f"{C.int8_packed_bytes(N, K)} for N={N}, K={K}")
     if not (colsum.dtype == torch.int32 and colsum.numel() == C.int8_packed_cols(N)):
-        raise ValueError("int8_linear: colsum does not match the packed weight")
+        raise BadInput("int8_linear: colsum does not match the packed weight")
     if not (w_scale.dtype == torch.float32 and w_scale.numel() == N and w_scale.is_contiguous()):
-        raise ValueError(f"int8_linear: w_scale must be contiguous float32 [{N}], got {w_scale.dtype} "
+        raise BadInput(f"int8_linear: w_scale must be contiguous float32 [{N}], got {w_scale.dtype} "
                          f"{tuple(w_scale.shape)}")
     if bias is not None:
         if not (bias.dtype == torch.float32 and bias.numel() == N and bias.is_contiguous()):
-            raise ValueError(f"int8_linear: bias must be contiguous float32 [{N}]")
+            raise BadInput(f"int8_linear: bias must be contiguous float32 [{N}]")
     if smooth is not None:
         if not (smooth.dtype == torch.float32 and smooth.numel() == K and smooth.is_contiguous()):
-            raise ValueError(f"int8_linear: smooth must be contiguous float32 [{K}]")
+            raise BadInput(f"int8_linear: smooth must be contiguous float32 [{K}]")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < K):  # e.g. expand()ed rows
@@ -116,7 +118,7 @@ def quantize_rows_u8(x: torch.Tensor, asym: bool):
     """The kernel's own per-token quantization (for tests): u8 codes [M, K], scale [M, 1],
     zero point [M, 1]."""
     if not (x.dtype == torch.float32 and x.dim() == 2):
-        raise ValueError("quantize_rows_u8: x must be float32 [M, K]")
+        raise BadInput("quantize_rows_u8: x must be float32 [M, K]")
     x = x.contiguous()
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.uint8)

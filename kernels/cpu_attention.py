@@ -15,12 +15,14 @@ import math
 import torch
 
 from lathe import _ext
+from lathe.errors import BadInput
+from lathe.kernels.boundary import checked
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _C():
-    return _ext.require_cpu()
+    return checked(_ext.require_cpu())
 
 
 def _shape(t) -> tuple:
@@ -34,58 +36,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     # is on the path of every attention layer; the kernel itself re-checks sizes and strides).
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise BadInput(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_cpu:
-            raise ValueError(f"attention: {name} must be on the CPU, got {t.device}")
+            raise BadInput(f"attention: {name} must be on the CPU, got {t.device}")
         if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D [B, H, S, D], got shape {_shape(t)}")
+            raise BadInput(f"attention: {name} must be 4-D [B, H, S, D], got shape {_shape(t)}")
     dtype = q.dtype
     code = DTYPES.get(dtype)
     if code is None:
-        raise ValueError(f"attention: dtype {dtype} is not supported (float32 or bfloat16)")
+        raise BadInput(f"attention: dtype {dtype} is not supported (float32 or bfloat16)")
     if k.dtype != dtype or v.dtype != dtype:
-        raise ValueError(f"attention: q, k, v dtypes differ: {dtype}, {k.dtype}, {v.dtype}")
+        raise BadInput(f"attention: q, k, v dtypes differ: {dtype}, {k.dtype}, {v.dtype}")
     B, Hq, Sq, D = q.shape
     kshape = k.shape
     Bk, Hkv, Sk, Dk = kshape
     if v.shape != kshape:
-        raise ValueError(f"attention: k {_shape(k)} and v {_shape(v)} shapes differ")
+        raise BadInput(f"attention: k {_shape(k)} and v {_shape(v)} shapes differ")
     if Bk != B:
-        raise ValueError(f"attention: batch sizes differ: q {_shape(q)}, k {_shape(k)}")
+        raise BadInput(f"attention: batch sizes differ: q {_shape(q)}, k {_shape(k)}")
     if Dk != D:
-        raise ValueError(f"attention: head dims differ: q {_shape(q)}, k {_shape(k)}")
+        raise BadInput(f"attention: head dims differ: q {_shape(q)}, k {_shape(k)}")
     if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"attention: q heads {Hq} not a multiple of kv heads {Hkv} "
+        raise BadInput(f"attention: q heads {Hq} not a multiple of kv heads {Hkv} "
                          f"(q {_shape(q)}, k {_shape(k)})")
     if D == 0:
-        raise ValueError(f"attention: head dim must be positive, got q {_shape(q)}")
+        raise BadInput(f"attention: head dim must be positive, got q {_shape(q)}")
     qs, ks, vs = q.stride(), k.stride(), v.stride()
     if D > 1 and (qs[3] != 1 or ks[3] != 1 or vs[3] != 1):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.stride(3) != 1:
-                raise ValueError(f"attention: {name} {_shape(t)} must have a contiguous last dim, "
+                raise BadInput(f"attention: {name} {_shape(t)} must have a contiguous last dim, "
                                  f"got strides {tuple(t.stride())}")
     mask_ptr = 0
     m = key_padding_mask
     if m is not None:
         if not isinstance(m, torch.Tensor) or not m.is_cpu:
-            raise ValueError("attention: key_padding_mask must be a CPU tensor")
+            raise BadInput("attention: key_padding_mask must be a CPU tensor")
         if m.shape != (B, Sk):
-            raise ValueError(f"attention: key_padding_mask shape {_shape(m)} != [B, Sk] = "
+            raise BadInput(f"attention: key_padding_mask shape {_shape(m)} != [B, Sk] = "
                              f"{(B, Sk)} (q {_shape(q)}, k {_shape(k)})")
         if m.dtype == torch.bool:
             m = m.contiguous().view(torch.uint8)
         elif m.dtype == torch.uint8:
             m = m.contiguous()
         else:
-            raise ValueError(f"attention: key_padding_mask must be bool or uint8, got {m.dtype}")
+            raise BadInput(f"attention: key_padding_mask must be bool or uint8, got {m.dtype}")
         mask_ptr = m.data_ptr()
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     else:
         scale = float(scale)
         if not math.isfinite(scale):
-            raise ValueError(f"attention: scale {scale} is not finite")
+            raise BadInput(f"attention: scale {scale} is not finite")
     out = torch.empty((B, Hq, Sq, D), dtype=dtype)
     if B == 0 or Hq == 0 or Sq == 0:
         return out

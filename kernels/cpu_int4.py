@@ -21,18 +21,18 @@ from __future__ import annotations
 import torch
 
 from lathe import _ext
+from lathe.errors import BadInput
+from lathe.kernels.boundary import checked, linear_args, need
 
 GROUP_SIZES = (32, 64, 128)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _C():
-    return _ext.require_cpu()
+    return checked(_ext.require_cpu())
 
 
-def _need(cond: bool, msg: str):
-    if not cond:
-        raise ValueError(msg)
+_need = need
 
 
 def _check_group(group_size, fn):
@@ -100,53 +100,47 @@ def int4_linear(x: torch.Tensor, packed: dict, N: int, K: int, group_size: int, 
     # Checks raise with formatted messages only on failure: a decode-sized call is ~0.2 ms,
     # so the wrapper keeps to a few microseconds.
     if group_size not in GROUP_SIZES or not isinstance(group_size, int):
-        raise ValueError(f"int4_linear: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+        raise BadInput(f"int4_linear: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"int4_linear: x must be a tensor, got {type(x)}")
+        raise BadInput(f"int4_linear: x must be a tensor, got {type(x)}")
     dt = _DTYPES.get(x.dtype)
     if dt is None:
-        raise ValueError(f"int4_linear: x must be float32 or bfloat16, got {x.dtype}")
+        raise BadInput(f"int4_linear: x must be float32 or bfloat16, got {x.dtype}")
     if not x.is_cpu:
-        raise ValueError(f"int4_linear: x must be on the CPU, got {x.device}")
+        raise BadInput(f"int4_linear: x must be on the CPU, got {x.device}")
     if not (isinstance(N, int) and N > 0 and isinstance(K, int) and K > 0):
-        raise ValueError(f"int4_linear: N and K must be positive ints, got N={N!r}, K={K!r}")
+        raise BadInput(f"int4_linear: N and K must be positive ints, got N={N!r}, K={K!r}")
     if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"int4_linear: x's last dimension must be K={K}, got shape {tuple(x.shape)}")
+        raise BadInput(f"int4_linear: x's last dimension must be K={K}, got shape {tuple(x.shape)}")
     try:
         codes, scales, zeros = packed["codes"], packed["scales"], packed["zeros"]
     except (TypeError, KeyError):
-        raise ValueError("int4_linear: packed must be the dict int4_pack returns "
+        raise BadInput("int4_linear: packed must be the dict int4_pack returns "
                          "(codes, scales, zeros)") from None
     nbytes, nscales = _packed_sizes(N, K, group_size)
     for name, t, dtype, n in (("codes", codes, torch.uint8, nbytes),
                               ("scales", scales, torch.float32, nscales),
                               ("zeros", zeros, torch.uint8, nscales)):
         if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.numel() != n:
-            raise ValueError(
+            raise BadInput(
                 f"int4_linear: packed[{name!r}] must be {dtype} with {n} elements for N={N}, "
                 f"K={K}, g={group_size}; got {getattr(t, 'dtype', type(t))} with "
                 f"{t.numel() if isinstance(t, torch.Tensor) else '?'} elements")
         if not t.is_contiguous():
-            raise ValueError(f"int4_linear: packed[{name!r}] must be contiguous")
+            raise BadInput(f"int4_linear: packed[{name!r}] must be contiguous")
         if not t.is_cpu:
-            raise ValueError(f"int4_linear: packed[{name!r}] must be on the CPU, got {t.device}")
+            raise BadInput(f"int4_linear: packed[{name!r}] must be on the CPU, got {t.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dtype not in (torch.float32, x.dtype):
-            raise ValueError(f"int4_linear: bias must be float32 or {x.dtype}, "
+            raise BadInput(f"int4_linear: bias must be float32 or {x.dtype}, "
                              f"got {getattr(bias, 'dtype', type(bias))}")
         if bias.shape != (N,):
-            raise ValueError(f"int4_linear: bias must have shape [{N}], got {tuple(bias.shape)}")
+            raise BadInput(f"int4_linear: bias must have shape [{N}], got {tuple(bias.shape)}")
         if not bias.is_cpu:
-            raise ValueError(f"int4_linear: bias must be on the CPU, got {bias.device}")
-        if bias.dtype != torch.float32 or not bias.is_contiguous():
-            bias = bias.to(torch.float32).contiguous()
-    x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    M = x2.shape[0]
-    if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) < K):
-        x2 = x2.contiguous()
-    out = torch.empty(M, N, dtype=x.dtype)
+            raise BadInput(f"int4_linear: bias must be on the CPU, got {bias.device}")
+    x2, M, ldx, bias, out = linear_args(x, K, N, bias)
     if M:
-        _C().int4_linear(x2.data_ptr(), dt, M, K, x2.stride(0) if M > 1 else K,
+        _C().int4_linear(x2.data_ptr(), dt, M, K, ldx,
                          codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), N, group_size,
                          0 if bias is None else bias.data_ptr(), out.data_ptr(), N,
                          1 if exact else 0, torch.get_num_threads())

@@ -19,12 +19,13 @@ import torch
 
 from lathe import _ext
 from lathe.errors import BadInput
+from lathe.kernels.boundary import checked, linear_args
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def _C():
-    return _ext.require_cpu()
+    return checked(_ext.require_cpu())
 
 
 def _groups(group_size, K: int, fn: str) -> int:
@@ -92,15 +93,9 @@ def w8a16_linear(x: torch.Tensor, packed: torch.Tensor, N: int, group_size: int,
                              f"{getattr(bias, 'dtype', type(bias))} {tuple(getattr(bias, 'shape', ()))}")
         if not bias.is_cpu:
             raise BadInput(f"w8a16_linear: bias must be on the CPU, got {bias.device}")
-        if bias.dtype != torch.float32 or not bias.is_contiguous():
-            bias = bias.to(torch.float32).contiguous()
-    x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    M = x2.shape[0]
-    if x2.stride(-1) != 1 or (M > 1 and x2.stride(0) < K):
-        x2 = x2.contiguous()
-    out = torch.empty(M, N, dtype=x.dtype)
+    x2, M, ldx, bias, out = linear_args(x, K, N, bias)
     if M:
-        C.w8a16_linear(x2.data_ptr(), dt, M, K, x2.stride(0) if M > 1 else K, packed.data_ptr(), N,
+        C.w8a16_linear(x2.data_ptr(), dt, M, K, ldx, packed.data_ptr(), N,
                        group_size, 0 if bias is None else bias.data_ptr(), out.data_ptr(), N,
                        torch.get_num_threads())
     out = out if x.dim() == 2 else out.reshape(*x.shape[:-1], N)

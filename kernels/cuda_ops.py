@@ -11,15 +11,15 @@ import math
 import torch
 
 from lathe import _ext
+from lathe.errors import BadInput  # noqa: F401
+from lathe.kernels.boundary import checked, need
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 GROUP_SIZES = (32, 64, 128)
 HEAD_DIMS = (32, 64, 96, 128, 256)
 
 
-def _need(cond: bool, msg: str):
-    if not cond:
-        raise ValueError(msg)
+_need = need
 
 
 def _check_cuda(op: str, name: str, t: torch.Tensor, device: torch.device | None = None):
@@ -92,7 +92,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if M == 0:
         return out
     x2, qw = _aligned(x), _aligned(qweight)
-    mod = _ext.require_cuda()
+    mod = checked(_ext.require_cuda())
     with torch.cuda.device(dev):
         mod.w4a16_linear(x2.data_ptr(), qw.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
                          0 if bias is None else bias.data_ptr(), out.data_ptr(),
@@ -142,7 +142,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return torch.zeros_like(q)
     q2, k2, v2 = _aligned(q), _aligned(k), _aligned(v)
     out = torch.empty_like(q2)
-    mod = _ext.require_cuda()
+    mod = checked(_ext.require_cuda())
     with torch.cuda.device(dev):
         mod.decode_attention(q2.data_ptr(), k2.data_ptr(), v2.data_ptr(),
                              0 if seq_lens is None else seq_lens.data_ptr(), out.data_ptr(),

@@ -1,10 +1,15 @@
 """One dispatcher: which implementation runs an op on a device.
 
-Per op and device the candidates are tried in order and the first available one wins:
+Per op and device the candidate backends are tried in order and the first available one wins:
   cuda device: cuda (lathe._C_cuda) -> triton -> reference
   cpu device:  cpu (lathe._C, C++ with run-time ISA choice) -> reference
 Override with the environment (LATHE_BACKEND=reference, or LATHE_BACKEND_<OP>=..., e.g.
 LATHE_BACKEND_ATTENTION=reference) or in code with `use_backend(...)`.
+
+Each backend's implementations register with `@impl(op, backend, when=...)`; `call(op, device,
+*args)` runs the first implementation of the chosen backend whose condition (dtype, M,
+capability, ...) holds for these arguments, else the op's reference. The op bodies in
+lathe.kernels.ops hold no rules of their own: the table below and the registrations are all.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import os
 import threading
 
 from lathe import _ext
+from lathe.errors import BadInput
 
 # op -> device type -> ordered candidates. "reference" is always last and always available.
 CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -29,6 +35,27 @@ CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 _local = threading.local()
+
+# op -> backend -> [(when, fn)] in registration order; when(*args) -> bool, None = always.
+IMPLS: dict[str, dict[str, list]] = {}
+
+
+def impl(op: str, backend: str, when=None):
+    """Register the decorated function as an implementation of `op` on `backend`, used when
+    `when(*args)` holds (the op's arguments, positionally)."""
+    def deco(fn):
+        IMPLS.setdefault(op, {}).setdefault(backend, []).append((when, fn))
+        return fn
+    return deco
+
+
+def call(op: str, device, *args):
+    """Run `op` on `args` with the implementation the table picks for `device`."""
+    impls = IMPLS[op]
+    for when, fn in impls.get(backend_for(op, device), ()):
+        if when is None or when(*args):
+            return fn(*args)
+    return impls["reference"][0][1](*args)
 
 
 def _available(backend: str) -> bool:
@@ -79,11 +106,11 @@ def backend_for(op: str, device) -> str:
 
 def _choose(op: str, dev: str, forced: str | None) -> str:
     if op not in CANDIDATES:
-        raise ValueError(f"unknown lathe op {op!r}: expected one of {sorted(CANDIDATES)}")
+        raise BadInput(f"unknown lathe op {op!r}: expected one of {sorted(CANDIDATES)}")
     candidates = CANDIDATES[op].get(dev, ("reference",))
     if forced:
         if forced not in candidates:
-            raise ValueError(
+            raise BadInput(
                 f"backend {forced!r} cannot run {op} on {dev}: choose one of {list(candidates)}")
         if not _available(forced):
             raise RuntimeError(f"backend {forced!r} for {op} is not available on this machine")

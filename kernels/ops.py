@@ -1,8 +1,9 @@
 """The lathe ops: `torch.ops.lathe.<name>`. Model code calls these and nothing else.
 
 Each op is registered once as a torch.library custom op with a fake (meta) implementation, so
-torch.compile and torch.export trace through it, and its body asks the dispatcher
-(`lathe.kernels.dispatch.backend_for`) which implementation runs on the input's device.
+torch.compile and torch.export trace through it, and its body hands its arguments to the
+dispatcher (`lathe.kernels.dispatch.call`). Below each op, its implementations register with
+`@impl(op, backend, when=condition)`: the conditions are the only rules.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from lathe.kernels import cpu, cpu_attention, cpu_int4, cpu_w8a16, reference
 from lathe.errors import BadInput
-from lathe.kernels.dispatch import backend_for
+from lathe.kernels.dispatch import call, impl
 
 # ----------------------------------------------------------------------------- linear_w8a8
 
@@ -31,28 +32,53 @@ def linear_w8a8(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
     pass). asym picks per-token asymmetric u8 activations (zero point) over symmetric ones.
     """
     _check_w8a8(x, w_q, w_scale)
-    backend = backend_for("linear_w8a8", x.device)
+    return call("linear_w8a8", x.device, x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum)
+
+
+@impl("linear_w8a8", "cpu")
+def _w8a8_cpu(x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum):
     N = w_q.shape[0]
-    if backend == "cpu":
-        if w_packed is None or colsum is None:
-            w_packed, colsum = cpu.int8_pack(w_q)
-        if x.dtype == torch.float32:
-            return cpu.int8_linear(x, w_packed, colsum, w_scale, bias, N, act, smooth, asym)
-        return cpu.int8_linear(x.float(), w_packed, colsum, w_scale, bias, N, act, smooth, asym).to(x.dtype)
-    # cuBLASLt's int8 GEMM wants K and N multiples of 8 (other shapes: Triton or the reference)
-    mm_ok = not x.is_cuda or (w_q.shape[1] % 8 == 0 and N % 8 == 0)
-    if mm_ok and (backend == "torch" or (backend == "triton" and asym)):
-        from lathe.kernels import torch_mm
-        if colsum is None:  # unprepared module: a pass over the weight (prepare() makes it once)
-            colsum = w_q.sum(1, dtype=torch.int32)
-        return torch_mm.linear_w8a8(x, w_q, w_scale, bias, act, smooth, asym, colsum)
-    if backend == "triton":
-        from lathe.kernels.gpu import triton_linear_w8a8
-        return triton_linear_w8a8(x, w_q, w_scale, bias, act, smooth)
-    if backend == "triton":
-        from lathe.kernels.gpu import fallback
-        fallback("linear_w8a8", "reference", "asymmetric activations (the Triton kernel is symmetric)")
+    if w_packed is None or colsum is None:
+        w_packed, colsum = cpu.int8_pack(w_q)
+    if x.dtype == torch.float32:
+        return cpu.int8_linear(x, w_packed, colsum, w_scale, bias, N, act, smooth, asym)
+    return cpu.int8_linear(x.float(), w_packed, colsum, w_scale, bias, N, act, smooth, asym).to(x.dtype)
+
+
+def _int_mm_ok(x, w_q, *_):
+    """cuBLASLt's int8 GEMM wants K and N multiples of 8 (other shapes: Triton or the reference)."""
+    return not x.is_cuda or (w_q.shape[1] % 8 == 0 and w_q.shape[0] % 8 == 0)
+
+
+def _w8a8_int_mm(x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum):
+    from lathe.kernels import torch_mm
+    if colsum is None:  # unprepared module: a pass over the weight (prepare() makes it once)
+        colsum = w_q.sum(1, dtype=torch.int32)
+    return torch_mm.linear_w8a8(x, w_q, w_scale, bias, act, smooth, asym, colsum)
+
+
+impl("linear_w8a8", "torch", when=_int_mm_ok)(_w8a8_int_mm)
+# asymmetric activations on the Triton backend: torch._int_mm (the Triton kernel is symmetric)
+impl("linear_w8a8", "triton", when=lambda x, w_q, w_scale, bias, act, smooth, asym, *_:
+     asym and _int_mm_ok(x, w_q))(_w8a8_int_mm)
+
+
+@impl("linear_w8a8", "triton", when=lambda x, w_q, w_scale, bias, act, smooth, asym, *_: not asym)
+def _w8a8_triton(x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum):
+    from lathe.kernels.gpu import triton_linear_w8a8
+    return triton_linear_w8a8(x, w_q, w_scale, bias, act, smooth)
+
+
+@impl("linear_w8a8", "reference")
+def _w8a8_reference(x, w_q, w_scale, bias, act, smooth, asym, w_packed, colsum):
     return reference.linear_w8a8(x, w_q, w_scale, bias, act, smooth, asym).to(x.dtype)
+
+
+@impl("linear_w8a8", "triton")  # what the conditions above leave: the reference, said once
+def _w8a8_triton_fallback(*args):
+    from lathe.kernels.gpu import fallback
+    fallback("linear_w8a8", "reference", "asymmetric activations (the Triton kernel is symmetric)")
+    return _w8a8_reference(*args)
 
 
 @linear_w8a8.register_fake
@@ -91,17 +117,38 @@ def linear_w4a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  p_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weight-only int4 (lathe int4 format, see lathe.compress.formats.Int4Group). p_* are the
     CPU kernel's layout (lathe.kernels.cpu_int4.int4_pack), made once at load time."""
-    backend = backend_for("linear_w4a16", x.device)
-    if backend == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        K = x.shape[-1]
-        if p_codes is None:
-            p = cpu_int4.int4_pack(qweight, scales, zeros, group_size, K)
-        else:
-            p = {"codes": p_codes, "scales": p_scales, "zeros": p_zeros}
-        return cpu_int4.int4_linear(x, p, qweight.shape[0], K, group_size, bias)
-    if backend in ("cuda", "triton"):  # which GPU kernel: lathe.kernels.gpu.kernel_for
-        from lathe.kernels import gpu
-        return gpu.linear_w4a16(backend, x, qweight, scales, zeros, group_size, bias)
+    return call("linear_w4a16", x.device, x, qweight, scales, zeros, group_size, bias, p_codes, p_scales, p_zeros)
+
+
+def _cpu_float(x, *_):
+    return x.dtype in (torch.float32, torch.bfloat16)
+
+
+@impl("linear_w4a16", "cpu", when=_cpu_float)
+def _w4a16_cpu(x, qweight, scales, zeros, group_size, bias, p_codes, p_scales, p_zeros):
+    K = x.shape[-1]
+    if p_codes is None:
+        p = cpu_int4.int4_pack(qweight, scales, zeros, group_size, K)
+    else:
+        p = {"codes": p_codes, "scales": p_scales, "zeros": p_zeros}
+    return cpu_int4.int4_linear(x, p, qweight.shape[0], K, group_size, bias)
+
+
+# which GPU kernel (CUDA GEMV, Triton GEMV/GEMM, dequant + cuBLAS): lathe.kernels.gpu.kernel_for
+@impl("linear_w4a16", "cuda")
+def _w4a16_cuda(x, qweight, scales, zeros, group_size, bias, *_):
+    from lathe.kernels import gpu
+    return gpu.linear_w4a16("cuda", x, qweight, scales, zeros, group_size, bias)
+
+
+@impl("linear_w4a16", "triton")
+def _w4a16_triton(x, qweight, scales, zeros, group_size, bias, *_):
+    from lathe.kernels import gpu
+    return gpu.linear_w4a16("triton", x, qweight, scales, zeros, group_size, bias)
+
+
+@impl("linear_w4a16", "reference")
+def _w4a16_reference(x, qweight, scales, zeros, group_size, bias, *_):
     return reference.linear_w4a16(x, qweight, scales, zeros, group_size, bias)
 
 
@@ -123,14 +170,24 @@ def linear_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     CPU kernel's layout (lathe.kernels.cpu_w8a16.w8a16_pack), made once at load time; None
     packs here (a full pass over the weight: callers on a hot path prepare it)."""
     _check_w8a16(x, qweight, scales, bias, group_size)
-    backend = backend_for("linear_w8a16", x.device)
-    if backend == "cpu":
-        if packed is None:
-            packed = cpu_w8a16.w8a16_pack(qweight, scales, group_size)
-        return cpu_w8a16.w8a16_linear(x, packed, qweight.shape[0], group_size, bias)
-    if backend == "triton":
-        from lathe.kernels.gpu import triton_linear_w8a16
-        return triton_linear_w8a16(x, qweight, scales, bias, group_size)
+    return call("linear_w8a16", x.device, x, qweight, scales, bias, group_size, packed)
+
+
+@impl("linear_w8a16", "cpu")
+def _w8a16_cpu(x, qweight, scales, bias, group_size, packed):
+    if packed is None:
+        packed = cpu_w8a16.w8a16_pack(qweight, scales, group_size)
+    return cpu_w8a16.w8a16_linear(x, packed, qweight.shape[0], group_size, bias)
+
+
+@impl("linear_w8a16", "triton")
+def _w8a16_triton(x, qweight, scales, bias, group_size, packed):
+    from lathe.kernels.gpu import triton_linear_w8a16
+    return triton_linear_w8a16(x, qweight, scales, bias, group_size)
+
+
+@impl("linear_w8a16", "reference")
+def _w8a16_reference(x, qweight, scales, bias, group_size, packed):
     return reference.linear_w8a16(x, qweight, scales, bias)
 
 
@@ -175,19 +232,38 @@ def linear_fp8(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     and older GPUs: the reference, which simulates it in fp32 (CPUs have no FP8 units: this
     shows FP8's accuracy, not its speed)."""
     _check_fp8(x, w_fp8, w_scale, bias, act_granularity)
-    backend = backend_for("linear_fp8", x.device)
-    # cuBLASLt's FP8 GEMM wants K and N multiples of 16
-    if backend == "torch" and (not x.is_cuda or (w_fp8.shape[0] % 16 == 0 and w_fp8.shape[1] % 16 == 0)) \
-            and _fp8_gemm(x.device, x.dtype, act_granularity == "per_token" or w_scale.numel() != 1):
-        from lathe.kernels import torch_mm
-        return torch_mm.linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
-    if backend in ("torch", "triton") and _fp8_units(x.device):
-        from lathe.kernels.gpu import triton_linear_fp8
-        return triton_linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
-    if backend == "triton":
-        from lathe.kernels.gpu import fallback
-        fallback("linear_fp8", "reference", "FP8 needs an sm_89+ GPU")
+    return call("linear_fp8", x.device, x, w_fp8, w_scale, bias, act_granularity)
+
+
+def _scaled_mm_ok(x, w_fp8, w_scale, bias, act_granularity):
+    """torch._scaled_mm takes this case (cuBLASLt's FP8 GEMM wants K and N multiples of 16)."""
+    return (not x.is_cuda or (w_fp8.shape[0] % 16 == 0 and w_fp8.shape[1] % 16 == 0)) \
+        and _fp8_gemm(x.device, x.dtype, act_granularity == "per_token" or w_scale.numel() != 1)
+
+
+@impl("linear_fp8", "torch", when=_scaled_mm_ok)
+def _fp8_torch(x, w_fp8, w_scale, bias, act_granularity):
+    from lathe.kernels import torch_mm
+    return torch_mm.linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
+
+
+@impl("linear_fp8", "torch", when=lambda x, *_: _fp8_units(x.device))
+@impl("linear_fp8", "triton", when=lambda x, *_: _fp8_units(x.device))  # FP8 units: sm_89+
+def _fp8_triton(x, w_fp8, w_scale, bias, act_granularity):
+    from lathe.kernels.gpu import triton_linear_fp8
+    return triton_linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
+
+
+@impl("linear_fp8", "reference")
+def _fp8_reference(x, w_fp8, w_scale, bias, act_granularity):
     return reference.linear_fp8(x, w_fp8, w_scale, bias, act_granularity)
+
+
+@impl("linear_fp8", "triton")  # no FP8 units: the reference, said once
+def _fp8_triton_fallback(*args):
+    from lathe.kernels.gpu import fallback
+    fallback("linear_fp8", "reference", "FP8 needs an sm_89+ GPU")
+    return _fp8_reference(*args)
 
 
 @linear_fp8.register_fake
@@ -237,14 +313,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Softmax attention. q [B, Hq, Sq, D]; k, v [B, Hkv, Sk, D]; key_padding_mask bool [B, Sk]
     (True = real key). Rows with no real key give zeros; a NaN among a row's visible inputs,
     or a score that overflows, gives NaN in that row (never zeros)."""
-    backend = backend_for("attention", q.device)
-    if backend == "triton":
-        from lathe.kernels.gpu import triton_attention
-        return triton_attention(q, k, v, key_padding_mask, causal, scale).contiguous()
-    if backend == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
-        return cpu_attention.attention(q, k, v, key_padding_mask, causal, scale)
-    if backend == "sdpa":
-        return _sdpa(q, k, v, key_padding_mask, causal, scale).contiguous()
+    return call("attention", q.device, q, k, v, key_padding_mask, causal, scale)
+
+
+@impl("attention", "triton")
+def _attention_triton(q, k, v, key_padding_mask, causal, scale):
+    from lathe.kernels.gpu import triton_attention
+    return triton_attention(q, k, v, key_padding_mask, causal, scale).contiguous()
+
+
+@impl("attention", "cpu", when=_cpu_float)
+def _attention_cpu(q, k, v, key_padding_mask, causal, scale):
+    return cpu_attention.attention(q, k, v, key_padding_mask, causal, scale)
+
+
+@impl("attention", "sdpa")
+def _attention_sdpa(q, k, v, key_padding_mask, causal, scale):
+    return _sdpa(q, k, v, key_padding_mask, causal, scale).contiguous()
+
+
+@impl("attention", "reference")
+def _attention_reference(q, k, v, key_padding_mask, causal, scale):
     return reference.attention(q, k, v, causal, key_padding_mask, scale).contiguous()
 
 

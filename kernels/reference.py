@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from lathe.errors import BadInput
+
 # ----------------------------------------------------------------------------- int8 W8A8
 
 
@@ -68,7 +70,7 @@ def apply_act(y, act: str):
     if act == "silu":
         return torch.nn.functional.silu(y)
     if act != "none":
-        raise ValueError(f"unknown activation {act!r}: expected none, gelu or silu")
+        raise BadInput(f"unknown activation {act!r}: expected none, gelu or silu")
     return y
 
 
@@ -133,7 +135,7 @@ def quantize_fp8_act(x: torch.Tensor, act_granularity: str):
     elif act_granularity == "per_tensor":
         amax = xf.abs().amax()
     else:
-        raise ValueError(f"unknown act_granularity {act_granularity!r}: expected per_token or per_tensor")
+        raise BadInput(f"unknown act_granularity {act_granularity!r}: expected per_token or per_tensor")
     sx = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
     xq = (xf / sx).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return xq, sx
@@ -163,7 +165,7 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, scale=None):
     B, Hq, Sq, D = q.shape
     Hkv = k.shape[1]
     if Hq % Hkv:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+        raise BadInput(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
     rep = Hq // Hkv
     kf = k.float().repeat_interleave(rep, dim=1)
     vf = v.float().repeat_interleave(rep, dim=1)

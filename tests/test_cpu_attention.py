@@ -7,7 +7,6 @@ error of PyTorch doing the same job at the inputs' precision -- reference.attent
 torch's scaled_dot_product_attention on the bf16 tensors for bf16 -- plus one unit of the
 dtype's epsilon at the output's largest magnitude.
 """
-import math
 
 import pytest
 import torch
@@ -16,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lathe import _ext
+from lathe.errors import BadInput
 from lathe.kernels import cpu, reference
 from lathe.kernels.cpu_attention import attention
+from testkit import attention_inputs, allowed_mask, attention_at
 
 ISAS = ["scalar", "avx2", "avx512_vnni"]
 LEVEL = cpu.ISAS  # every level, including avx512_bf16 and amx
@@ -29,40 +30,19 @@ def _isa_or_skip(isa):
         pytest.skip(f"this CPU lacks {isa}")
 
 
-def _allowed(B, Sq, Sk, causal, mask):
-    allowed = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
-    if causal:
-        qi = torch.arange(Sq)[:, None] + (Sk - Sq)
-        allowed = allowed & (torch.arange(Sk)[None, :] <= qi)
-    if mask is not None:
-        allowed = allowed & mask.bool()[:, None, None, :]
-    return allowed
-
-
-def _math_at(q, k, v, causal, mask, dtype, scale=None):
-    """reference.attention's math carried out in `dtype` (the reference hard-codes fp32)."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    rep = Hq // Hkv
-    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(rep, 1), v.to(dtype).repeat_interleave(rep, 1)
-    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(D))
-    p = torch.softmax(s.masked_fill(~_allowed(B, Sq, Sk, causal, mask), float("-inf")), dim=-1)
-    return torch.nan_to_num(p, nan=0.0) @ v
-
-
 def _baseline(q, k, v, causal, mask, scale=None):
     """PyTorch at the inputs' precision: the fp32 reference, or SDPA on the bf16 tensors."""
     if q.dtype == f32:
         return reference.attention(q, k, v, causal, mask, scale=scale)
     rep = q.shape[1] // k.shape[1]
-    allowed = _allowed(q.shape[0], q.shape[2], k.shape[2], causal, mask)
+    allowed = allowed_mask(q.shape[0], q.shape[2], k.shape[2], causal, mask)
     out = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                                          attn_mask=allowed, scale=scale)
     return torch.nan_to_num(out, nan=0.0)  # rows with no visible key: 0, as the reference
 
 
 def assert_close_to_truth(out, q, k, v, causal, mask, scale=None):
-    truth = _math_at(q, k, v, causal, mask, torch.float64, scale)
+    truth = attention_at(q, k, v, causal, mask, torch.float64, scale)
     base = _baseline(q, k, v, causal, mask, scale)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all()
@@ -73,17 +53,7 @@ def assert_close_to_truth(out, q, k, v, causal, mask, scale=None):
 
 
 def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Sq, D, generator=g).to(dtype)
-    k = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
-    v = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
-    m = None
-    if mask:
-        m = torch.rand(B, Sk, generator=g) > 0.3
-        m[:, -1] = True
-        if B > 1:
-            m[-1] = False  # a batch row with no real key: its outputs must be 0, not NaN
-    return q, k, v, m
+    return attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed, "cpu")
 
 
 # B, Hq, Hkv, Sq, Sk, D, causal, mask, dtype
@@ -204,7 +174,7 @@ def test_property_any_shape(B, Hkv, rep, Sq, Sk, D, causal, mask, dtype, isa, se
 
 
 def _bad(kind, q, k, v, m):
-    """One corruption of valid inputs; attention() must answer ValueError."""
+    """One corruption of valid inputs; attention() must answer BadInput."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if kind == "heads":
@@ -241,7 +211,7 @@ BAD = ["heads", "dim", "dtype", "unsupported_dtype", "kv_shape", "batch", "mask_
 def test_property_bad_inputs_raise(kind, B, Hkv, rep, Sq, Sk, D):
     q, k, v, m = _inputs(B, Hkv * rep, Hkv, Sq, Sk, D, f32, mask=True)
     q, k, v, m = _bad(kind, q, k, v, m)
-    with pytest.raises(ValueError, match="attention: "):
+    with pytest.raises(BadInput, match="attention: "):
         attention(q, k, v, m, causal=False)
 
 

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lathe.compress.quantize import sqnr_db
+from lathe.errors import BadInput
 from lathe.kernels import cpu, reference as ref
 from lathe.kernels.cpu_int4 import int4_linear, int4_pack
 
@@ -240,7 +241,7 @@ def test_bad_inputs_raise_value_error_naming_the_problem():
         (lambda: int4_pack(qw, sc, z + 16, g), "not a 4-bit code"),  # from C++
     ]
     for fn, words in cases:
-        with pytest.raises(ValueError, match=words):
+        with pytest.raises(BadInput, match=words):
             fn()
 
 

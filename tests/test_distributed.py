@@ -19,8 +19,10 @@ CFG = dict(steps=4, batch_size=4, seq_len=32, lr=1e-3, warmup=1, seed=5, save_ev
 
 
 def corpus(path: Path) -> str:
-    root = Path(lathe.__file__).parent
-    path.write_text("\n".join((root / f).read_text() for f in ("pipeline.py", "text.py")))
+    import lathe.compress.pipeline
+
+    files = (Path(lathe.compress.pipeline.__file__), Path(lathe.__file__).parent / "text.py")
+    path.write_text("\n".join(f.read_text() for f in files))
     return str(path)
 
 
@@ -41,7 +43,7 @@ def run_all(data: str, fsdp: bool = False, work_dir: str | None = None) -> dict:
     work_dir, distil again afterwards from the same start: that run resumes from the first
     one's last checkpoint and must end on the same weights."""
     from lathe.compress import distributed as dist
-    from lathe.compress.calibrate import observe_inputs
+    from lathe.compress.calibration import observe_inputs
     from lathe.compress.checkpoint import build_model
     from lathe.compress.context import StepContext
     from lathe.compress.distill import DistillConfig, handler

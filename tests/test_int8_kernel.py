@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lathe.errors import BadInput
 from lathe.kernels import cpu, reference as ref
 
 ISAS = ["scalar", "avx2", "avx512_vnni"]
@@ -92,7 +93,7 @@ def test_nan_input_gives_nan_rows_not_garbage():
 def test_bad_inputs_raise_value_error(bad, match):
     x = torch.randn(2, 64)
     p, c = cpu.int8_pack(torch.zeros(16, 64, dtype=torch.int8))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(BadInput, match=match):
         bad(x, p, c, torch.ones(16))
 
 

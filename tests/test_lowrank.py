@@ -13,15 +13,7 @@ from lathe.compress.config import config_from_dict
 from lathe.compress.lowrank import LowRankConfig, LowRankLinear, energy_rank, factorize
 from lathe.compress.quantize import quantize
 from lathe.errors import BadInput
-
-
-class One(nn.Module):
-    def __init__(self, lin):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
+from testkit import One
 
 
 def _aniso(T, K, seed):
@@ -93,7 +85,7 @@ def test_whiten_lowers_output_error():
 
 def test_round_trip_and_int8(minilm, tmp_path):
     from lathe.compress.modules import QLinearW8A8
-    from lathe.pipeline import calibration_batches
+    from lathe.compress.pipeline import calibration_batches
 
     calib = calibration_batches(minilm, n=8, batch_size=8)
     model = lathe.load(minilm)
@@ -128,7 +120,7 @@ def test_round_trip_and_int8(minilm, tmp_path):
 def test_lowrank_qkv_then_int8_unfused(minilm, tmp_path):
     """A factored query cannot be fused with key/value: int8 leaves q/k/v apart and the
     checkpoint records no fuse_qkv transform, so it still loads."""
-    from lathe.pipeline import calibration_batches
+    from lathe.compress.pipeline import calibration_batches
 
     calib = calibration_batches(minilm, n=8, batch_size=8)
     p = tmp_path / "r.yaml"

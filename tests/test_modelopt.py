@@ -14,7 +14,7 @@ DECODER = lathe.__path__[0] + "/data/decoder-lm"
 
 
 def test_importing_lathe_never_imports_modelopt():
-    code = ("import sys, lathe, lathe.cli, lathe.pipeline, lathe.compress.modelopt_backend; "
+    code = ("import sys, lathe, lathe.cli, lathe.compress.pipeline, lathe.compress.modelopt_backend; "
             "assert not any(m.split('.')[0] == 'modelopt' for m in sys.modules), 'modelopt imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -1,10 +1,10 @@
-"""Calibration observers (lathe.compress.calibrate.make_observer): each against a direct,
+"""Calibration observers (lathe.compress.calibration.make_observer): each against a direct,
 non-streaming computation on the same data."""
 import pytest
 import torch
 
 from lathe.compress import histogram
-from lathe.compress.calibrate import METHODS, make_observer, observe
+from lathe.compress.calibration import METHODS, make_observer, observe
 from lathe.errors import BadInput
 
 

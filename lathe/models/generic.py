@@ -340,8 +340,8 @@ def load_source(src, device="cpu") -> nn.Module:
     transformers model with lathe's adapter methods, normalised (Conv1D -> Linear)."""
     cls = hf_class(src.config)
     kw = {"dtype": torch.float32, "attn_implementation": "sdpa"}
-    if src.is_compressed:
-        import lathe.integrations.transformers_quantizer  # noqa: F401  (registers quant_method "lathe")
+    # a compressed output needs quant_method "lathe" registered with transformers first
+    # (lathe.integrations.transformers_quantizer; lathe.compress.checkpoint.build_model imports it)
     try:
         with _quiet():
             model = cls.from_pretrained(str(src.path), **kw)

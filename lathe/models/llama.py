@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import lathe.kernels  # noqa: F401  (registers torch.ops.lathe.*)
 from lathe.errors import BadInput
+from lathe.models.base import ModelAdapter, TokenizerSettings
 
 REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
             "vocab_size")
@@ -196,7 +197,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c["hidden_size"], c.get("rms_norm_eps", 1e-6))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(nn.Module, ModelAdapter):
     """forward(input_ids, attention_mask=None, past_key_values=None, use_cache=False,
     position_ids=None) -> logits [B, S, vocab] (float, the lm_head's dtype), or
     (logits, cache) when use_cache.
@@ -207,8 +208,12 @@ class LlamaForCausalLM(nn.Module):
     calibration batches (lathe.text.batches) can be fed as model(**batch).
     """
 
+    # The model-adapter protocol (lathe.models.base).
+    family, is_decoder, blocks_path = "llama", True, "model.layers"
+    hf_class, hf_output = "LlamaForCausalLM", "logits"
+    tokenizer = TokenizerSettings(eot="<|endoftext|>")
     # Where structured pruning (lathe.compress.structured) finds heads and FFN neurons, per block.
-    PRUNE_SPEC = {"blocks": "model.layers", "attention": "self_attn", "q": "self_attn.q_proj",
+    prune_spec = {"blocks": "model.layers", "attention": "self_attn", "q": "self_attn.q_proj",
                   "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
                   "ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "ffn_out": "mlp.down_proj"}
 
@@ -312,26 +317,6 @@ class LlamaForCausalLM(nn.Module):
                 break
             logits, cache = self(nxt, past_key_values=cache, use_cache=True)
         return torch.cat(out, dim=1)
-
-    def transform(self, name: str):
-        """Structural rewrites a compressed checkpoint records and load replays on the meta model."""
-        from lathe.models import any_factored
-
-        if name != "fuse_qkv":
-            raise BadInput(f"unknown model transform {name!r}")
-        a = [layer.self_attn for layer in self.model.layers]
-        if any(any_factored(x.q_proj, x.k_proj, x.v_proj) for x in a):
-            return  # low-rank q/k/v: nothing to concatenate, and nothing recorded
-        for x in a:
-            x.fuse_qkv()
-        self.applied_transforms.append(name)
-
-    def linear_groups(self):
-        """For compress: (name of a module that takes x, [names of the Linears reading x]).
-        A tied lm_head is the embedding matrix, not a Linear, and is left out."""
-        from lathe.models import split_factored
-
-        return split_factored(self, self._fixed_groups())
 
     def _fixed_groups(self):
         for i, _ in enumerate(self.model.layers):

@@ -1,6 +1,6 @@
 """lathe's int4 CPU GEMM against onnxruntime's com.microsoft.MatMulNBits and torch fp32, in one run.
 
-    python -m lathe.kernels.bench_cpu_int4 [--quick] [--sym] [--exact] [--reps R]
+    python -m lathe.bench.cpu_int4 [--quick] [--sym] [--exact] [--reps R]
 
 For each (K, N, block) one set of 4-bit codes, scales and zero points feeds all three: lathe
 (int4_pack + int4_linear), a one-node ONNX model (A fp32 [M, K]; B uint8 [N, k_blocks,
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ def make_weights(N: int, K: int, block: int, sym: bool, seed: int = 0):
 
 def ort_session(qweight, scales, zeros, K: int, N: int, block: int, sym: bool, threads: int = 2):
     """One MatMulNBits node, built in memory; A has a symbolic row count."""
-    import onnxruntime as ort
+    from lathe.export.validate import ort_session as cpu_session
     from onnx import TensorProto, helper
 
     kb = K // block
@@ -66,24 +65,16 @@ def ort_session(qweight, scales, zeros, K: int, N: int, block: int, sym: bool, t
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return cpu_session(model, threads)
 
 
 ROUNDS = 3  # blocks of reps a runtime, interleaved round by round
 PAUSE_S = 0.05
 
 
-def _time(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def bench_case(M, K, N, block, sym, exact, reps, state, stat=statistics.median):
-    from lathe.compress.quantize import sqnr_db
+    from lathe.bench.timing import alternating
+    from lathe.compress.formats import sqnr_db
     from lathe.kernels.cpu_int4 import int4_linear
 
     packed, sess, w = state
@@ -95,12 +86,10 @@ def bench_case(M, K, N, block, sym, exact, reps, state, stat=statistics.median):
     ref = torch_fn()
     q_lathe = sqnr_db(ref, lathe_fn())
     q_ort = sqnr_db(ref, torch.from_numpy(ort_fn()))
-    tl, to, tt = [], [], []
-    for _ in range(ROUNDS):
-        for fn, acc, n in ((lathe_fn, tl, reps), (ort_fn, to, reps), (torch_fn, tt, max(2, reps // 4))):
-            time.sleep(PAUSE_S)  # let the other runtime's spinning worker threads go idle
-            fn()  # warm-up (and the first call's one-time allocations)
-            acc.extend(_time(fn) for _ in range(n))
+    # blocks, a pause before each: the other runtime's spinning worker threads go idle
+    t = alternating({"lathe": lathe_fn, "ort": ort_fn, "torch": (torch_fn, max(2, reps // 4))}, reps,
+                    ROUNDS, PAUSE_S)
+    tl, to, tt = t["lathe"], t["ort"], t["torch"]
     return {"M": M, "K": K, "N": N, "block": block,
             "lathe_ms": stat(tl) * 1e3, "ort_ms": stat(to) * 1e3,
             "torch_ms": stat(tt) * 1e3, "sqnr_lathe": q_lathe, "sqnr_ort": q_ort}

@@ -1,4 +1,4 @@
-"""The compress flow: open the source, run the recipe's steps, save atomically."""
+"""The compress flow: open the source, run the recipe's steps, save atomically (lathe.compress_checkpoint)."""
 from __future__ import annotations
 
 from pathlib import Path

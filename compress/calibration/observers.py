@@ -1,5 +1,7 @@
-"""Calibration: run batches through the model and stream statistics of the inputs of chosen
-modules (never holding the activations themselves). Ctrl-C stops cleanly between batches.
+"""Calibration observers: streaming statistics of a module's inputs (never the activations
+themselves), all with one protocol: update(x, where) adds a batch, all_reduce() combines the
+ranks (a collective every rank calls; a no-op in one process) and returns the observer.
+lathe.compress.calibration.driver feeds them.
 
 Observers (make_observer): minmax, percentile, mse and entropy (histogram based, see
 lathe.compress.histogram), per tensor, channel, group or token. AbsMaxObserver is
@@ -63,7 +65,7 @@ class Observer:
     per_token one row of the tokens' own max |x| (amax shape []: a statistic of that dynamic
     distribution, for reporting; lathe's kernels quantize per token at run time).
 
-    update(x, where) -> self; amax() -> tensor; reduce_() combines ranks (a collective).
+    update(x, where) -> self; amax() -> tensor; all_reduce() combines ranks (a collective).
     real_tokens: observe_inputs passes only the non-padding tokens."""
 
     real_tokens = True
@@ -108,7 +110,7 @@ class Observer:
         if state is None:
             raise BadInput(f"no calibration data reached {self.name}")
 
-    def reduce_(self):
+    def all_reduce(self):
         """Every rank ends with the statistics of all ranks' data; a no-op in one process."""
         from lathe.compress import distributed as dist
 
@@ -121,6 +123,8 @@ class Observer:
         if width:
             self._reduce_rows(width, dist)
         return self
+
+    reduce_ = all_reduce  # its earlier name
 
 
 class MinMaxObserver(Observer):
@@ -264,6 +268,39 @@ def make_observer(method: str, granularity: str = "per_tensor", **kw) -> Observe
     return HistogramObserver(method, granularity, **kw)
 
 
+class ChannelSum:
+    """Per-input-channel sum of |x|^power over the real tokens, and their count, in float64
+    (AWQ: power 1, the mean |x|; Wanda and low-rank: power 2, the norm / RMS)."""
+
+    real_tokens = True
+
+    def __init__(self, in_features: int, power: int = 2):
+        self.sum, self.n, self.power = torch.zeros(in_features, dtype=torch.float64), 0, power
+
+    def update(self, x: torch.Tensor, where: str | None = None):
+        x = x.detach().reshape(-1, x.shape[-1])
+        a = x.float().abs().sum(dim=0, dtype=torch.float64) if self.power == 1 else x.double().pow(self.power).sum(0)
+        self.sum = self.sum + a
+        self.n += x.shape[0]
+        return self
+
+    def all_reduce(self) -> "ChannelSum":
+        from lathe.compress import distributed as dist
+
+        if dist.is_distributed():  # a copy: the driver made the sum under inference_mode
+            self.sum = dist.all_reduce_sum_(self.sum.clone())
+            self.n = int(dist.all_reduce_count(self.n))
+        return self
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.n, 1)).float()
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.sum.sqrt().float()
+
+
 class RowSample:
     """A uniform sample of at most n input rows (tokens) over all batches, streaming:
     each row draws a random key and the n smallest keys are kept (bottom-k sampling)."""
@@ -290,13 +327,6 @@ class RowSample:
         return self
 
 
-def _real_tokens(x, mask):
-    """The rows of x [B, S, K] at the non-padding positions of mask [B, S] (x itself otherwise)."""
-    if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-        return x[mask.bool()]
-    return x
-
-
 class Scaled:
     """Feeds x * mul to an observer (e.g. the smoothed input x / s SmoothQuant quantizes)."""
 
@@ -306,47 +336,6 @@ class Scaled:
 
     def update(self, x, where=None):
         self.obs.update(x.float() * self.mul, where)
-
-
-def observe(model, observers: dict, batches, progress=None) -> dict:
-    """Feed the input of each module named in `observers` ({name: [observer, ...]}) to its
-    observers, batch by batch (a list of dicts of model inputs). Observers with `real_tokens`
-    see only the rows the batch's attention_mask marks real."""
-    if not batches:
-        raise BadInput("the calibration set is empty: give --calib FILE with at least one line")
-    modules = dict(model.named_modules())
-    state = {}
-
-    def hook(n):
-        def pre(mod, args):
-            real = None
-            for o in observers[n]:
-                if getattr(o, "real_tokens", False):
-                    real = _real_tokens(args[0], state.get("mask")) if real is None else real
-                    o.update(real, n)
-                else:
-                    o.update(args[0], n)
-        return pre
-
-    hooks = [modules[n].register_forward_pre_hook(hook(n)) for n in observers]
-    try:
-        with torch.inference_mode():
-            for i, b in enumerate(batches):
-                state["mask"] = b.get("attention_mask")
-                model(**b)
-                if progress:
-                    progress(i + 1, len(batches))
-    finally:
-        for h in hooks:
-            h.remove()
-    return observers
-
-
-def observe_inputs(model, names, batches, progress=None) -> dict:
-    """Per-channel |x| max of the input of each module in `names`, over `batches`
-    (a list of dicts of model inputs)."""
-    obs = observe(model, {n: [AbsMaxObserver()] for n in names}, batches, progress)
-    return {n: o[0].all_reduce().amax for n, o in obs.items()}
 
 
 def smoothquant_scales(act_amax: torch.Tensor, weights: list, alpha: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """lathe's fused CPU attention against torch.nn.functional.scaled_dot_product_attention.
 
-    python -m lathe.kernels.bench_cpu_attention [--reps N] [--threads T] [--quick]
+    python -m lathe.bench.cpu_attention [--reps N] [--threads T] [--quick]
 
 Both run in the same process on the same inputs, interleaved call by call (the machine may be
 shared and its clock drifts), and each time reported is the median of the repeated calls.
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from lathe.bench.timing import paired, seconds
 from lathe.kernels import cpu
 from lathe.kernels.cpu_attention import attention
 
@@ -49,20 +49,9 @@ def _time_pair(f_lathe, f_sdpa, reps: int, budget_s: float):
     for _ in range(2):  # warm-up (allocator, caches, thread pool)
         f_lathe()
         f_sdpa()
-    t0 = time.perf_counter()
-    f_lathe()
-    f_sdpa()
-    one = time.perf_counter() - t0
+    one = seconds(f_lathe) + seconds(f_sdpa)
     n = max(5, min(reps, int(budget_s / max(one, 1e-6))))
-    tl, ts = [], []
-    for _ in range(n):
-        a = time.perf_counter()
-        f_lathe()
-        b = time.perf_counter()
-        f_sdpa()
-        c = time.perf_counter()
-        tl.append(b - a)
-        ts.append(c - b)
+    tl, ts = paired(f_lathe, f_sdpa, n)
     return statistics.median(tl), statistics.median(ts), min(tl), min(ts), n
 
 
