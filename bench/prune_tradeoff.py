@@ -9,6 +9,7 @@ minimum cosine >= 0.97). Writes a markdown table and JSON."""
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
 
@@ -87,9 +88,14 @@ def main(argv=None) -> int:
     from lathe.io import atomic_file
     from lathe.source import open_source
 
-    # errors go up to lathe.cli, which prints them on stderr as "lathe: error: ..." (exit 2)
+    from lathe.errors import BadInput
+
     for d in [args.original, *args.pruned]:
-        open_source(d)
+        try:
+            open_source(d)
+        except BadInput as e:  # as lathe.cli prints every bad input: stderr, one line, exit 2
+            print(f"lathe: error: {e}", file=sys.stderr)
+            return 2
     res = tradeoff(args.original, args.pruned, args.pairs)
     md = markdown(res)
     print(md)

@@ -117,9 +117,10 @@ def test_unsupported_architecture_is_refused(tmp_path):
     import subprocess
     import sys
 
-    from transformers import ResNetConfig, ResNetModel
+    from transformers import MobileNetV2Config, MobileNetV2Model
 
-    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(tmp_path / "cnn")
+    # not ResNet: that is a lathe family of its own (lathe.models.resnet)
+    MobileNetV2Model(MobileNetV2Config(depth_multiplier=0.35, image_size=32)).save_pretrained(tmp_path / "cnn")
     r = subprocess.run([sys.executable, "-m", "lathe", "compress", str(tmp_path / "cnn"), "--recipe",
                         "int8-weight-only", "-o", str(tmp_path / "o"), "--no-summary"],
                        capture_output=True, text=True, cwd=tmp_path)

@@ -15,7 +15,7 @@ from lathe.errors import BadInput
 from lathe.kernels import cpu, reference as ref
 
 ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+LEVEL = cpu.ISAS  # the full ladder: avx512_bf16 and amx rank above VNNI
 SPECIALS = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30]
 EPS = torch.finfo(torch.float32).eps
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
