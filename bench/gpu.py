@@ -24,7 +24,7 @@ def require_cuda(device) -> torch.device:
     if dev.type != "cuda":
         raise BadInput(f"--device {device}: the GPU benchmark needs a cuda device")
     if not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: no CUDA GPU is usable on this machine "
+        raise BadInput(f"--device {device}: no CUDA GPU found, this machine has no usable CUDA GPU "
                        "(torch.cuda.is_available() is False)")
     return dev
 
