@@ -147,6 +147,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path, single, parallel):
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, data, str(out),
            parallel, str(tmp_path / "work")]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0 and "terminate called without an active exception" in p.stderr:
+        # a rare abort of a gloo rank at process teardown (1 in ~12 runs here): run once more,
+        # from scratch; any other failure, or the same one twice, fails the test
+        cmd[cmd.index("--master_port") + 1] = str(free_port())
+        cmd[-1] = str(tmp_path / "work-retry")
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["world"] == 2 and want["world"] == 1
