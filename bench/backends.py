@@ -5,7 +5,8 @@ called with the same input dict every time.
 kinds: torch (Hugging Face transformers, eager fp32: the anchor), compile (lathe's model under
 torch.compile/inductor), lathe (lathe.load: compressed models on lathe's kernels),
 onnxruntime (an .onnx file; CPU EP, or CUDA/TensorRT EPs where present), tensorrt (an
-.engine/.plan file, GPU only)."""
+.engine/.plan file, GPU only), torchao-int8 / torchao-int4 (transformers' model quantized by
+torchao, lathe.bench.torchao_backend; optional)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ import torch
 
 from lathe.errors import BadInput
 
-KINDS = ("torch", "compile", "lathe", "onnxruntime", "tensorrt")
+KINDS = ("torch", "compile", "lathe", "onnxruntime", "tensorrt", "torchao-int8", "torchao-int4")
 
 
 @dataclass
@@ -73,6 +74,15 @@ def make(spec: Spec) -> Backend:
         def run(b):
             with torch.inference_mode():
                 return m(**_to(b, dev)).float().cpu()
+    elif spec.kind.startswith("torchao"):  # an anchor: torchao's quantize_ on transformers' model
+        from lathe.bench.torchao_backend import quantized
+
+        m, nbytes = quantized(spec.path, spec.kind)
+
+        def run(b):
+            with torch.inference_mode():
+                return m(**b).float()
+        return Backend(spec.label, run, nbytes, dev)
     elif spec.kind == "onnxruntime":
         from lathe.export.validate import ort_session
 

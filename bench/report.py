@@ -61,7 +61,8 @@ def table(doc: dict) -> str:
     lines.insert(1, "-" * len(lines[0]))
     warn = [f"warning: {r['backend']} b{r['batch']} s{r['seq']} has CV {r['cv'] * 100:.1f}% (> 5%): noisy machine"
             for r in doc["results"] if r["cv"] > 0.05]
-    return "\n".join(lines + warn)
+    skipped = [f"{k}: skipped: {why}" for k, why in doc.get("skipped", {}).items()]
+    return "\n".join(lines + warn + skipped)
 
 
 def markdown(doc: dict) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from lathe.errors import BadInput
 
 ALL = ("torch", "compile", "lathe", "lathe-fp32", "onnxruntime", "ort-int8", "ort-int8-pc", "lathe-onnx",
-       "lathe-onnx-fast", "lathe-onnx-hybrid", "lathe-onnx-exact")
+       "lathe-onnx-fast", "lathe-onnx-hybrid", "lathe-onnx-exact", "torchao-int8", "torchao-int4")
 DEFAULT = ("torch", "lathe", "onnxruntime", "ort-int8", "ort-int8-pc", "lathe-onnx")
 REFERENCE = "torch fp32"
 
@@ -75,6 +75,7 @@ def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128,
         specs.append(Spec("lathe", str(src.path), "lathe fp32 (uncompressed)", device))
     if "lathe" in backends:
         specs.append(Spec("lathe", str(tgt.path), name, device))
+    skipped = _torchao_specs(backends, src, specs, device, log)
     recipes = [r for r in ORT_INT8_RECIPES if r in backends]
     if "onnxruntime" in backends or recipes:
         fp32_onnx = workdir / "model-fp32.onnx"
@@ -99,6 +100,31 @@ def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128,
             specs.append(Spec("onnxruntime", str(p), f"{name} ONNX {mode} on onnxruntime"))
     log(f"timing {len(specs)} backends x batches {list(batches)} at seq {seq}"
         + (" (each in its own process)" if isolate else "") + " ...")
-    return run_grid(specs, src.path, batches, seq, min_runs, min_seconds, max_seconds,
-                    REFERENCE if "torch" in backends else None, isolate, threads,
-                    config={"target": str(tgt.path), "source": str(src.path)})
+    doc = run_grid(specs, src.path, batches, seq, min_runs, min_seconds, max_seconds,
+                   REFERENCE if "torch" in backends else None, isolate, threads,
+                   config={"target": str(tgt.path), "source": str(src.path)})
+    if skipped:
+        doc["skipped"] = skipped
+    return doc
+
+
+def _torchao_specs(backends, src, specs, device, log) -> dict:
+    """torchao anchors (optional): a Spec each; {backend: why} for one without a kernel here."""
+    from lathe.bench.backends import Spec
+
+    skipped = {}
+    for kind in ("torchao-int8", "torchao-int4"):
+        if kind not in backends:
+            continue
+        from lathe.bench import torchao_backend as tao
+
+        if device != "cpu":
+            raise BadInput(f"{kind} is a CPU anchor here (lathe bench --device cuda compares torch fp16)")
+        try:
+            tao.check(kind)  # BadInput without torchao
+        except tao.Unavailable as e:
+            skipped[kind] = str(e)
+            log(f"{kind}: skipped: {e}")
+            continue
+        specs.append(Spec(kind, str(src.path), f"{tao.KINDS[kind]} {tao.version()}", device))
+    return skipped

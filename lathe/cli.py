@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs="*", help="with `compare`: A.json B.json")
     b.add_argument("--backend", default=None,
                    help="comma-separated: torch,compile,lathe,lathe-fp32,onnxruntime,ort-int8,ort-int8-pc,lathe-onnx,"
-                        "lathe-onnx-fast,lathe-onnx-hybrid,lathe-onnx-exact")
+                        "lathe-onnx-fast,lathe-onnx-hybrid,lathe-onnx-exact,torchao-int8,torchao-int4 "
+                        "(torchao: pip install 'lathe[torchao]')")
     b.add_argument("--batch", type=_ints, default=[1, 8])
     b.add_argument("--seq", type=int, default=128)
     b.add_argument("--min-runs", type=int, default=100)
