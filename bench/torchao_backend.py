@@ -13,13 +13,11 @@ backends without it is a BadInput naming the extra to install.
                 need the mslk package)."""
 from __future__ import annotations
 
-import contextlib
-import logging
-
 import torch
 import torch.nn as nn
 
 from lathe.errors import BadInput
+from lathe.integrations import quiet_torchao as _quiet_import
 
 INSTALL_HINT = "pip install 'lathe[torchao]'"
 KINDS = {"torchao-int8": "torchao int8 dyn-act (eager)", "torchao-int4": "torchao int4 weight-only (eager)"}
@@ -27,20 +25,6 @@ KINDS = {"torchao-int8": "torchao int8 dyn-act (eager)", "torchao-int4": "torcha
 
 class Unavailable(Exception):
     """The asked-for torchao scheme has no kernel here (the message says why, in one line)."""
-
-
-@contextlib.contextmanager
-def _quiet_import():
-    # torchao logs a warning for each CUDA-only library it cannot load on a CPU-only torch
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    old = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, lv in zip(loggers, old):
-            lg.setLevel(lv)
 
 
 def import_torchao():

@@ -182,6 +182,8 @@ def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
     if dtype is not None and dtype not in LOAD_DTYPES:
         raise BadInput(f"dtype must be one of {', '.join(map(str, LOAD_DTYPES))}, got {dtype}")
     tensors = hf_files.unsentinel(read_tensors(src, device), src.manifest)
+    if not src.is_compressed and hasattr(cls, "from_hf_names"):  # a checkpoint transformers saved
+        tensors = cls.from_hf_names(tensors, src.config)
     want = model.state_dict()
     check_tensors(src, tensors, want)
     quantized = tuple(f"{n}." for n in (src.manifest or {}).get("modules", {}))

@@ -76,7 +76,7 @@ def register_handler(config_type: type):
 # lazily so `import lathe.compress.config` stays light.
 PLUGINS = ("lathe.compress.quantize", "lathe.compress.weight_only", "lathe.compress.prune",
            "lathe.compress.structured", "lathe.compress.lowrank", "lathe.compress.distill",
-           "lathe.compress.channel_prune", "lathe.compress.qconv")
+           "lathe.compress.channel_prune", "lathe.compress.qconv", "lathe.compress.generic_conv")
 
 
 def ensure_registered():

@@ -106,7 +106,7 @@ def _compress(source, rec, out, calib, progress, backend) -> Path:
         rec = Recipe(name=f"{source.manifest['recipe'].get('name', 'parent')}+{rec.name}", steps=rec.steps)
     model = build_model(source)
     if callable(getattr(model, "check_supported", None)):  # generic: exit 2 naming what it cannot quantize
-        model.check_supported()
+        model.check_supported(rec.steps)
     ctx = StepContext(source=source, calib=batches, progress=progress, work_dir=work_dir_for(out),
                       teacher_source=_teacher_source(source, rec))
     reports = [quantize(model, step, batches, progress, ctx) for step in rec.steps]

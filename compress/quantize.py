@@ -78,10 +78,15 @@ def _static_act_scales(model, cfg: Int8Config, groups, smooth, calib) -> dict:
 @register_handler(Int8Config)
 def _int8(model, cfg: Int8Config, calib, progress, ctx=None):
     adapter = adapter_of(model)
+    extra = {}
+    if getattr(model, "lathe_generic", False) and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        # any transformers model: its Conv2d layers first (the Linears then calibrate on them)
+        from lathe.compress.generic_conv import quantize_convs
+        extra["conv2d"] = quantize_convs(model, calib or [], cfg.skip)
     groups = _groups(model)
     modules = dict(model.named_modules())
     skipped, done = [], []
-    smooth, extra = {}, {}
+    smooth = {}
     for _, names in groups:  # before calibration: a bad weight is named, not seen as NaN later
         for n in names:
             if isinstance(modules[n], nn.Linear):
@@ -91,7 +96,8 @@ def _int8(model, cfg: Int8Config, calib, progress, ctx=None):
             raise BadInput("int8 with smoothquant or act_observer needs calibration data (calib=...; "
                            "or set smoothquant: false)")
     if cfg.smoothquant:
-        smooth, extra = _smoothing(model, cfg, groups, modules, calib, progress)
+        smooth, sq = _smoothing(model, cfg, groups, modules, calib, progress)
+        extra |= sq
     if cfg.act_observer:  # a second pass: the static scale is of the smoothed input
         extra |= {"act_observer": cfg.act_observer,
                   "act_scales": _static_act_scales(model, cfg, groups, smooth, calib)}

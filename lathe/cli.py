@@ -437,8 +437,10 @@ def _main(argv=None) -> int:
     if not a.cmd:
         parser.print_help()
         return 2
+    from lathe.integrations import quiet_torchao
     try:
-        rc = {"compress": _compress, "export": _export, "bench": _bench, "demo": _demo}[a.cmd](a)
+        with quiet_torchao():  # imported by transformers when installed: its CPU-only warnings
+            rc = {"compress": _compress, "export": _export, "bench": _bench, "demo": _demo}[a.cmd](a)
         return rc or 0
     except KeyboardInterrupt:
         return _interrupted()

@@ -54,8 +54,8 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     """Measure the row of the table for compressed directory `out` made from `src`."""
     from lathe import text
     from lathe.compress.checkpoint import load
-    from lathe.models import VISION
     from lathe.models.base import adapter_of
+    from lathe.vision import is_vision
     from lathe.source import open_source, recorded_source
 
     comp = open_source(out)
@@ -70,7 +70,7 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     from lathe.models.generic import image_batches, takes_pixels
 
     with torch.inference_mode():
-        if source.model_type in VISION:  # CNNs: top-1 agreement on lathe's image set
+        if is_vision(source):  # CNNs: top-1 agreement on lathe's image set
             from lathe import images, vision
             x = images.image_set(32, vision.image_size(source))
             q = vision.quality(vision.logits(ref, x), vision.logits(test, x))

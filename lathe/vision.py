@@ -10,8 +10,8 @@ from lathe.errors import BadInput
 
 
 def is_vision(source) -> bool:
-    from lathe.models import VISION
-    return source.model_type in VISION
+    from lathe.models import VISION, family_of
+    return family_of(source.config) in VISION
 
 
 def quality(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:

@@ -77,8 +77,8 @@ def unsentinel(tensors: dict, manifest: dict) -> dict:
 
 
 def is_generic(config: dict) -> bool:
-    from lathe.models import FAMILIES
-    return config.get("model_type") not in FAMILIES
+    from lathe.models import family_of
+    return family_of(config) is None
 
 
 __all__ = ["carry_files", "state_dict", "pick_sentinel", "quantization_config", "unsentinel", "is_generic"]

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
-                                          register_quantization_config, register_quantizer)
+from lathe.integrations import quiet_torchao
+
+with quiet_torchao():  # transformers' registry imports torchao when installed
+    from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                              register_quantization_config, register_quantizer)
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 

@@ -20,6 +20,17 @@ def model_class(config: dict):
     return getattr(importlib.import_module(mod), cls)
 
 
+def family_of(config: dict) -> str | None:
+    """The lathe family that runs this config.json, or None: the generic transformers path
+    (lathe.models.generic). A family may decline a variant it does not implement
+    (its class's handles(config) is False, e.g. a ResNet with the stride in the first 1x1)."""
+    mt = config.get("model_type")
+    if mt not in FAMILIES:
+        return None
+    handles = getattr(model_class(config), "handles", None)
+    return mt if handles is None or handles(config) else None
+
+
 def split_factored(model, groups):
     """linear_groups with low-rank Linears (modules with `factored`, two inner Linears `down`
     then `up`) expanded: `down` takes the group's input, `up` is a group of its own."""

@@ -8,8 +8,10 @@ lathe's quantized modules in place.
   meta model before the weights are read.
 - Modules that are not nn.Linear but are linear maps are normalised to nn.Linear first
   (NORMALIZERS: GPT-2's Conv1D, transposed; exact), so every compress handler sees Linears.
-  A further module type (e.g. nn.Conv2d with a quantized counterpart) registers with
-  register_normalizer() or by adding its type to QUANTIZABLE.
+  A further module type registers with register_normalizer() or by adding its type to
+  QUANTIZABLE.
+- nn.Conv2d (CONV_QUANTIZABLE) is quantized by the int8 recipe only: lathe.compress.generic_conv
+  swaps it for lathe's int8 conv module with the BatchNorm2d after it folded in.
 - The model object stays the transformers class (its state-dict names, config, generate);
   its class is swapped for a subclass that adds lathe's adapter methods (blocks(),
   linear_groups(), is_decoder, pool(), ...) and a forward that takes lathe's batches
@@ -29,6 +31,8 @@ from lathe.errors import BadInput
 
 # module types that lathe's compress handlers quantize (after normalisation)
 QUANTIZABLE: tuple = (nn.Linear,)
+# module types the int8 recipe quantizes besides Linears (lathe.compress.generic_conv)
+CONV_QUANTIZABLE: tuple = (nn.Conv2d,)
 # module types with weights that need no quantizer (lookup tables, norms: 1-D weights)
 _PASSIVE = (nn.Embedding, nn.LayerNorm, nn.GroupNorm)
 NORMALIZERS: dict[str, Callable[[nn.Module], nn.Module]] = {}
@@ -101,10 +105,11 @@ def hf_class(config: dict):
 
 def is_decoder_config(config: dict) -> bool:
     """A causal LM (logits over the vocabulary, perplexity as its quality) by config.json."""
-    from lathe.models import FAMILIES
+    from lathe.models import family_of
 
-    if config.get("model_type") in FAMILIES:
-        return config.get("model_type") == "llama"
+    fam = family_of(config)
+    if fam is not None:
+        return fam == "llama"
     return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
 
 
@@ -163,8 +168,8 @@ class GenericAdapter:
         keep = getattr(self, "_keep_in_fp32_modules", None) or ()
         return any(name == k or name.endswith("." + k) for k in keep)
 
-    def check_supported(self):
-        check_supported(self)
+    def check_supported(self, steps=()):
+        check_supported(self, steps)
 
     @property
     def prune_spec(self):
@@ -281,12 +286,14 @@ def normalize(model: nn.Module) -> nn.Module:
     return model
 
 
-def unhandled(model: nn.Module) -> dict:
+def unhandled(model: nn.Module, convs: bool = False) -> dict:
     """{module type: count} of modules holding >= 2-D weights that lathe can neither quantize
-    nor leave as they are without losing the point of compressing (not Linear, not Embedding)."""
+    nor leave as they are without losing the point of compressing (not Linear, not Embedding;
+    not Conv2d when convs, i.e. the recipe quantizes to int8)."""
+    handled = QUANTIZABLE + _PASSIVE + (CONV_QUANTIZABLE if convs else ())
     out = {}
     for m in model.modules():
-        if isinstance(m, QUANTIZABLE + _PASSIVE) or type(m).__name__ in NORMALIZERS:
+        if isinstance(m, handled) or type(m).__name__ in NORMALIZERS:
             continue
         own = [p for p in m.parameters(recurse=False) if p.dim() >= 2]
         if own:
@@ -294,22 +301,25 @@ def unhandled(model: nn.Module) -> dict:
     return out
 
 
-def check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module, steps=()) -> None:
     """BadInput (exit 2) naming the module types lathe cannot handle when they hold most of
-    the model's weights (a CNN before lathe has a quantized Conv2d, a MoE with fused expert
-    tensors, ...); a small unhandled module (ViT's patch embedding) stays in fp32."""
-    types = unhandled(model)
+    the model's weights (a CNN under a recipe other than int8, a MoE with fused expert
+    tensors, ...); a small unhandled module (ViT's patch embedding) stays in fp32.
+    steps: the recipe's steps (Conv2d counts as handled when one is int8)."""
+    convs = any(getattr(s, "method", None) == "int8" for s in steps)
+    types = unhandled(model, convs)
     if not types:
         return
     total = sum(p.numel() for p in model.parameters())
     bad = sum(p.numel() for m in model.modules() if type(m).__name__ in types
               for p in m.parameters(recurse=False))
-    lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, QUANTIZABLE))
+    lin = sum(m.weight.numel() for m in model.modules()
+              if isinstance(m, QUANTIZABLE + (CONV_QUANTIZABLE if convs else ())))
     if lin == 0 or bad > 0.5 * total:
         names = ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
         raise BadInput(f"unsupported architecture {_base(model).__name__}: "
                        f"lathe cannot quantize its module types {names} "
-                       f"(it quantizes nn.Linear and GPT-2's Conv1D)")
+                       f"(it quantizes nn.Linear and GPT-2's Conv1D; nn.Conv2d with the int8 recipe)")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -370,9 +380,9 @@ def build_meta(config: dict) -> nn.Module:
 
 def takes_pixels(config: dict) -> bool:
     """True for a model whose input is pixel_values (ViT, ...), not token ids."""
-    from lathe.models import FAMILIES
+    from lathe.models import family_of
 
-    if config.get("model_type") in FAMILIES:
+    if family_of(config) is not None:
         return False
     try:
         return getattr(hf_class(config), "main_input_name", "input_ids") == "pixel_values"

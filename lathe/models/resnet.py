@@ -1,8 +1,13 @@
 """ResNet (basic and bottleneck blocks) built from a transformers ResNetConfig dict (model_type
 "resnet"), on the shared conv units so lathe's int8 conv replaces every convolution with the
 residual add and ReLU fused into the last conv of each block. Weights: a lathe checkpoint with
-these names, or random (`random_checkpoint`, for speed and coverage)."""
+these names, a checkpoint transformers' ResNetForImageClassification saved (its names mapped
+by from_hf_names), or random (`random_checkpoint`, for speed and coverage). Variants this
+adapter does not build (stride in the bottleneck's first 1x1, no classifier head) decline
+(handles) and run on the generic transformers path."""
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn as nn
@@ -36,6 +41,37 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     is_decoder = False
 
+    @staticmethod
+    def handles(config: dict) -> bool:
+        """False for what this adapter does not build: transformers' downsample_in_bottleneck
+        (stride in the first 1x1) and a checkpoint without a classifier (ResNetModel)."""
+        arch = config.get("architectures") or []
+        return not config.get("downsample_in_bottleneck") and not (arch and "ResNetForImageClassification" not in arch)
+
+    @staticmethod
+    def from_hf_names(tensors: dict, config: dict) -> dict:
+        """transformers' ResNetForImageClassification state-dict names -> this adapter's
+        (stem / blocks.k.convs.l / blocks.k.shortcut, conv / bn; classifier.1 -> classifier).
+        Names it does not know are kept, so check_tensors names them."""
+        if any(k.startswith("stem.") for k in tensors):
+            return tensors
+        starts, k = [], 0
+        for d in config.get("depths") or []:
+            starts.append(k)
+            k += int(d)
+        out = {}
+        for name, t in tensors.items():
+            m = _HF_NAME.match(name)
+            if name.startswith("classifier.1."):
+                out["classifier." + name[len("classifier.1."):]] = t
+            elif m and (m["stage"] is None or int(m["stage"]) < len(starts)):
+                unit = "stem" if m["stage"] is None else f"blocks.{starts[int(m['stage'])] + int(m['layer'])}." + (
+                    "shortcut" if m["conv"] is None else f"convs.{m['conv']}")
+                out[f"{unit}.{'conv' if m['part'] == 'convolution' else 'bn'}.{m['rest']}"] = t
+            else:
+                out[name] = t
+        return out
+
     def __init__(self, config: dict):
         super().__init__()
         try:
@@ -56,7 +92,8 @@ class ResNet(nn.Module):
                 blocks.append(Bottleneck(cin, c, stride, basic))
                 cin = c
         self.blocks = nn.ModuleList(blocks)
-        self.classifier = nn.Linear(cin, int(config.get("num_labels", 1000)))
+        labels = config.get("num_labels") or len(config.get("id2label") or {}) or 1000
+        self.classifier = nn.Linear(cin, int(labels))
 
     def features(self, x):
         if isinstance(x, torch.Tensor) and (x.dim() != 4 or x.shape[1] != 3 or min(x.shape[-2:]) < 32):
@@ -80,6 +117,10 @@ class ResNet(nn.Module):
 
     def fusable_act(self) -> list[str]:
         return ["relu"]
+
+
+_HF_NAME = re.compile(r"^(?:resnet\.)?(?:embedder\.embedder|encoder\.stages\.(?P<stage>\d+)\.layers\.(?P<layer>\d+)"
+                      r"\.(?:shortcut|layer\.(?P<conv>\d+)))\.(?P<part>convolution|normalization)\.(?P<rest>.+)$")
 
 
 def random_checkpoint(config: dict, out, seed: int = 0):
