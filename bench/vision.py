@@ -83,7 +83,7 @@ def backends(target, work: Path, which, log=print) -> tuple[dict, object]:
         target = random_model(str(target), work)
     tgt = open_source(target)
     src = open_source(tgt.manifest["source"]["path"]) if tgt.is_compressed else tgt
-    if not vision.is_vision(src):
+    if not vision.benchable(src):
         raise BadInput(f"{target} is not an image model (model_type {src.model_type!r})")
     size = vision.image_size(src)
     work.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,11 @@ def backends(target, work: Path, which, log=print) -> tuple[dict, object]:
         out["torch fp32 (channels_last)"] = (lambda x: fp32(x.contiguous(memory_format=torch.channels_last)),
                                             _size(src.path))
     if "onnxruntime" in which or "ort-int8" in which:
-        onnx32 = export_fp32(lathe.load(src.path), work / "model-fp32.onnx", size)
+        if vision.is_vision(src):
+            onnx32 = export_fp32(lathe.load(src.path), work / "model-fp32.onnx", size)
+        else:  # a transformers classifier on the generic path: lathe's generic export
+            from lathe.export.onnx import export_onnx
+            onnx32 = export_onnx(src.path, work / "model-fp32.onnx")[0]
         if "onnxruntime" in which:
             s = _session(onnx32)
             out["onnxruntime fp32"] = (lambda x, s=s: torch.from_numpy(s.run(None, {"pixel_values": x.numpy()})[0]),

@@ -91,7 +91,8 @@ def validate_images(path, model, source, precision: str):
         got = torch.from_numpy(sess.run(None, {"pixel_values": b["pixel_values"].numpy()})[0])
         max_abs = max(max_abs, float((got - ref).abs().max()))
         max_rel = max(max_rel, float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12)))
-        min_cos = min(min_cos, float(torch.nn.functional.cosine_similarity(got.mean(1), ref.mean(1)).min()))
+        pool = (lambda t: t.mean(1)) if ref.dim() == 3 else (lambda t: t.flatten(1))  # ViT tokens, or logits
+        min_cos = min(min_cos, float(torch.nn.functional.cosine_similarity(pool(got), pool(ref)).min()))
         shapes.append(list(b["pixel_values"].shape))
     tol = TOLERANCE[precision]
     v = Validation(str(path), precision, max_abs, max_rel, min_cos, shapes,

@@ -239,8 +239,8 @@ def _bench(a):
     if Path(a.target).is_dir() and is_decoder_config(open_source(a.target).config):
         return _bench_decoder(a)
     from lathe.bench.vision import RANDOM
-    from lathe.vision import is_vision
-    if a.target in RANDOM or Path(a.target).is_dir() and is_vision(open_source(a.target)):
+    from lathe.vision import benchable
+    if a.target in RANDOM or Path(a.target).is_dir() and benchable(open_source(a.target)):
         from lathe.bench.vision import run, table
         if a.threads:
             import torch

@@ -14,6 +14,15 @@ def is_vision(source) -> bool:
     return family_of(source.config) in VISION
 
 
+def benchable(source) -> bool:
+    """An image classifier `lathe bench` times with images: a CNN family, or a transformers
+    *ForImageClassification on the generic path (MobileNetV2, a ResNet variant, ...)."""
+    if is_vision(source):
+        return True
+    from lathe.models.generic import hf_class, takes_pixels
+    return takes_pixels(source.config) and hf_class(source.config).__name__.endswith("ForImageClassification")
+
+
 def quality(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
     """top-1 agreement, mean / min cosine of the logits, NaN count."""
     cos = torch.nn.functional.cosine_similarity(ref_logits.double(), logits.double(), dim=-1)
