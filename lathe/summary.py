@@ -31,10 +31,14 @@ def _encoder_quality(ref, test, tok, n_sentences: int) -> dict:
             "n": s["n_sentences"]}
 
 
+def _pooled(y: torch.Tensor) -> torch.Tensor:
+    return y.mean(1) if y.dim() == 3 else y.flatten(1)  # ViT's tokens, or one vector an image
+
+
 def _image_quality(ref, test, batches) -> dict:
     from lathe.bench.quality import cosine_stats
 
-    e = [torch.cat([m(**b).float().mean(1) for b in batches]) for m in (ref, test)]
+    e = [torch.cat([_pooled(m(**b).float()) for b in batches]) for m in (ref, test)]
     s = cosine_stats(*e)
     return {"metric": "min cosine", "fp32": 1.0, "value": s["min_cos"], "mean_cos": s["mean_cos"],
             "n": s["n_sentences"]}
@@ -55,7 +59,7 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     from lathe import text
     from lathe.compress.checkpoint import load
     from lathe.models.base import adapter_of
-    from lathe.vision import is_vision
+    from lathe.vision import benchable
     from lathe.source import open_source, recorded_source
 
     comp = open_source(out)
@@ -70,14 +74,14 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     from lathe.models.generic import image_batches, takes_pixels
 
     with torch.inference_mode():
-        if is_vision(source):  # CNNs: top-1 agreement on lathe's image set
+        if benchable(source):  # image classifiers (CNNs): top-1 agreement on lathe's image set
             from lathe import images, vision
             x = images.image_set(32, vision.image_size(source))
             q = vision.quality(vision.logits(ref, x), vision.logits(test, x))
             row["quality"] = {"metric": "top-1 agreement", "value": q["top1_agreement"],
                               "mean_cos": q["cosine_mean"], "n": q["images"]}
             inputs = {"pixel_values": x[:8]}
-            row["shape"] = "b8 224x224"
+            row["shape"] = f"b8 {vision.image_size(source)}px"
         elif takes_pixels(source.config):  # vision: embeddings of synthetic images (no image data offline)
             row["quality"] = _image_quality(ref, test, image_batches(source.config, n_sentences))
             inputs = image_batches(source.config, 8, 8, seed=1)[0]

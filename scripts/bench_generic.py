@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def paired_ms(a, b, x, reps: int):
-    """Medians of a and b, each rep timing a then b (then b then a), same inputs."""
+    """a and b timed alternately (a then b, then b then a), same inputs: (median ms of a, of b,
+    median of the per-pair ratios b/a, its quartiles)."""
     ta, tb = [], []
     with torch.inference_mode():
         a(**x), b(**x)
@@ -32,7 +33,9 @@ def paired_ms(a, b, x, reps: int):
                 t0 = time.perf_counter()
                 fn(**x)
                 acc.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ta), statistics.median(tb)
+    r = [y / x_ for x_, y in zip(ta, tb)]
+    q = statistics.quantiles(r, n=4) if len(r) >= 4 else (min(r), 0, max(r))
+    return statistics.median(ta), statistics.median(tb), statistics.median(r), (q[0], q[2])
 
 
 def cos(a, b):
@@ -48,11 +51,16 @@ def families(names, reps, work: Path):
 
     (work / "int4-rtn-g32.yaml").write_text("name: int4-rtn-g32\nsteps:\n  - method: int4\n    algo: rtn\n"
                                             "    group_size: 32\n")
+    import hf_tiny_cnn
+
     rows = []
     for fam in names:
-        src = hf_tiny.write(fam, work / fam)
+        cnn = fam in hf_tiny_cnn.CNNS
+        src = (hf_tiny_cnn if cnn else hf_tiny).write(fam, work / fam)
         ref = reference_model(src)
-        if fam == "vit":
+        if cnn:
+            x = hf_tiny_cnn.images(src, 8, seed=5)
+        elif fam == "vit":
             x = image_batches({"image_size": 32}, 8, 8, seed=5)[0]
         else:
             from lathe import text
@@ -60,16 +68,21 @@ def families(names, reps, work: Path):
         with torch.inference_mode():
             out = ref(**{k: v for k, v in x.items() if k != "token_type_ids" or fam in ("roberta",)})
         want = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-        for rec in ("int8", "int8-weight-only", work / "int4-rtn-g32.yaml"):
+        # CNNs: Conv2d is quantized by the int8 recipe only (the others exit 2 naming it)
+        for rec in ("int8",) if cnn else ("int8", "int8-weight-only", work / "int4-rtn-g32.yaml"):
             name = Path(str(rec)).stem
             out_dir = lathe.compress_checkpoint(src, rec, work / f"{fam}-{name}")  # CLI's calibration
             q = lathe.load(out_dir)
             with torch.inference_mode():
-                got = q(**x)
+                got = q(x["pixel_values"]) if fam == "resnet" else q(**x)
             fp32 = lathe.load(src)  # transformers' model (the generic path adds no op of its own)
-            ms_ref, ms_q = paired_ms(fp32, q, x, reps)
-            rows.append({"family": fam, "recipe": name, "cos": cos(got, want),
-                         "size": weights_bytes(out_dir) / weights_bytes(src), "ms_fp32": ms_ref, "ms": ms_q})
+            if cnn:  # transformers' model as the anchor (the ResNet family runs its own code)
+                fp32 = lambda pixel_values, ref=ref: ref(pixel_values=pixel_values).logits  # noqa: E731
+                q = (lambda m: lambda pixel_values: m(pixel_values))(q) if fam == "resnet" else q
+            ms_ref, ms_q, ratio, iqr = paired_ms(fp32, q, x, reps)
+            rows.append({"family": fam + (" (lathe family)" if fam == "resnet" else ""), "recipe": name,
+                         "cos": cos(got, want), "size": weights_bytes(out_dir) / weights_bytes(src),
+                         "ms_fp32": ms_ref, "ms": ms_q, "ratio": ratio, "iqr": iqr})
             print(rows[-1], flush=True)
     return rows
 
@@ -100,9 +113,9 @@ def generality(reps, work: Path):
         with torch.inference_mode():
             r = fp32(**x)
             cf, cg = cos(fast(**x), r), cos(gen(**x), r)
-        ms_fast, ms_gen = paired_ms(fast, gen, x, reps)
+        ms_fast, ms_gen, ratio, iqr = paired_ms(fast, gen, x, reps)
         out.append({"model": label, "shape": f"b{shape[0]} s{shape[1]}", "cos_fast": cf, "cos_generic": cg,
-                    "ms_fast": ms_fast, "ms_generic": ms_gen})
+                    "ms_fast": ms_fast, "ms_generic": ms_gen, "ratio": ratio, "iqr": iqr})
         print(out[-1], flush=True)
     return out
 
@@ -111,7 +124,9 @@ def main():
     import hf_tiny
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--families", default=",".join(hf_tiny.FAMILIES))
+    import hf_tiny_cnn
+
+    ap.add_argument("--families", default=",".join(hf_tiny.FAMILIES + hf_tiny_cnn.CNNS))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--md")
     ap.add_argument("--skip-generality", action="store_true")
@@ -120,15 +135,16 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         rows = families(a.families.split(","), a.reps, Path(d))
         gen = [] if a.skip_generality else generality(a.reps, Path(d))
-    lines = ["| family | recipe | cosine vs transformers fp32 | size vs fp32 | latency vs transformers fp32 |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['family']} | {r['recipe']} | {r['cos']:.5f} | {r['size']:.2f}x | {r['ms'] / r['ms_fp32']:.2f}x |"
-              for r in rows]
+    lines = ["| family | recipe | cosine vs transformers fp32 | size vs fp32 | latency vs transformers fp32 "
+             "(median of per-pair ratios, IQR) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['family']} | {r['recipe']} | {r['cos']:.5f} | {r['size']:.2f}x | {r['ratio']:.2f}x "
+              f"({r['iqr'][0]:.2f}-{r['iqr'][1]:.2f}) |" for r in rows]
     if gen:
         lines += ["", "| model | shape | cos fast adapter | cos generic | latency generic / fast adapter |",
                   "|---|---|---|---|---|"]
         lines += [f"| {g['model']} | {g['shape']} | {g['cos_fast']:.5f} | {g['cos_generic']:.5f} | "
-                  f"{g['ms_generic'] / g['ms_fast']:.2f}x ({g['ms_generic']:.1f} / {g['ms_fast']:.1f} ms) |" for g in gen]
+                  f"{g['ratio']:.2f}x (IQR {g['iqr'][0]:.2f}-{g['iqr'][1]:.2f}; medians {g['ms_generic']:.1f} / "
+                  f"{g['ms_fast']:.1f} ms) |" for g in gen]
     text = "\n".join(lines)
     print(text)
     if a.md:
