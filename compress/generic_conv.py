@@ -16,7 +16,7 @@ import fnmatch
 import torch
 import torch.nn as nn
 
-from lathe.compress.calibration import MinMaxObserver
+from lathe.compress.calibration import MinMaxObserver, observe, run_batches
 from lathe.compress.modules import register_module
 from lathe.compress.qconv import QConv2dInt8, affine_params
 from lathe.errors import BadInput
@@ -97,47 +97,24 @@ def _padding(conv: nn.Conv2d):
 
 def _trace(model, convs, batch) -> dict:
     """{conv name: name of the BatchNorm2d whose input is that conv's output}."""
-    out_of, folds, hooks = {}, {}, []
+    out_of, folds = {}, {}
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
     def post(name):
         def h(mod, args, out):
-            out_of[out.data_ptr()] = (name, out)  # kept alive: no later tensor reuses the address
+            out_of[id(out)] = (name, out)  # kept alive: no later tensor reuses the id
         return h
 
     def pre(name):
         def h(mod, args):
-            hit = out_of.get(args[0].data_ptr())
+            hit = out_of.get(id(args[0]))
             if hit is not None and hit[1] is args[0] and mod.num_features == hit[1].shape[1]:
                 folds.setdefault(hit[0], name)
         return h
 
-    hooks += [m.register_forward_hook(post(n)) for n, m in convs]
-    hooks += [m.register_forward_pre_hook(pre(n)) for n, m in norms]
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_batches(model, [batch], [m.register_forward_hook(post(n)) for n, m in convs]
+                + [m.register_forward_pre_hook(pre(n)) for n, m in norms], {})
     return folds
-
-
-def _observe(model, convs, batches) -> dict:
-    obs = {n: MinMaxObserver(name=f"{n} input") for n, _ in convs}
-    hooks = []
-    for n, m in convs:
-        def pre(mod, args, n=n):
-            obs[n].update(args[0], n)
-        hooks.append(m.register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(**b)
-    finally:
-        for h in hooks:
-            h.remove()
-    return obs
 
 
 def quantize_convs(model: nn.Module, batches: list, skip=()) -> dict:
@@ -151,12 +128,12 @@ def quantize_convs(model: nn.Module, batches: list, skip=()) -> dict:
     if any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         raise BadInput("BatchNorm2d in training mode: put the model in eval() before quantizing")
     folds = _trace(model, convs, batches[0])
-    obs = _observe(model, convs, batches)
+    obs = observe(model, {n: [MinMaxObserver(name=f"{n} input")] for n, _ in convs}, batches)
     mods = dict(model.named_modules())
     swapped, kept = {}, {}
     for n, conv in convs:
         bn = mods[folds[n]] if n in folds else None
-        lo, hi = (float(v) for v in obs[n].min_max())
+        lo, hi = (float(v) for v in obs[n][0].min_max())
         try:
             swapped[n] = HFConv2dInt8.from_float(conv, bn, "none", in_qparams=affine_params(lo, hi),
                                                 out_qparams=None, padding=_padding(conv), name=n)
