@@ -66,7 +66,8 @@ def encoder(work: Path, rounds: int, compile_: bool, log):
     tok = text.Tokenizer(src)
     sents = text.eval_sentences()
     log("MiniLM quality ...")
-    emb = {n: embeddings(lambda b, m=m: m(**b), tok, sents) for n, m in models.items()}
+    with torch.inference_mode():
+        emb = {n: embeddings(lambda b, m=m: m(**b), tok, sents) for n, m in models.items()}
     quality = {n: cosine_stats(emb["transformers fp32"], e) for n, e in emb.items()}
     rows = []
     for batch in (1, 8):
@@ -125,8 +126,11 @@ def main():
     ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--skip", default="", help="encoder,decoder")
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--md")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from lathe.bench import torchao_backend as tao
 
     tao.import_torchao()
