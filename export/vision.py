@@ -105,6 +105,11 @@ class _Graph:
         return self.node("DequantizeLinear", [self.quant(x.name, s, 0, np.int8), self.const(np.float32(s), "s"),
                                               self.const(np.int8(0), "z")], "dq")
 
+    def maxpool(self, x: _Sym, k: int, s: int, p: int) -> _Sym:
+        """Max pooling on the u8 codes (max commutes with the monotonic quantization) or fp32."""
+        y = self.node("MaxPool", [x.name], "maxpool", kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
+        return _Sym(self, y, x.C, (x.H + 2 * p - k) // s + 1, (x.W + 2 * p - k) // s + 1, x.q)
+
     def conv(self, m, x: _Sym, residual=None) -> _Sym:
         from lathe.models.convnet import conv_geometry
 

@@ -129,8 +129,11 @@ def main():
     ap.add_argument("--families", default=",".join(hf_tiny.FAMILIES + hf_tiny_cnn.CNNS))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--md")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--skip-generality", action="store_true")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         rows = families(a.families.split(","), a.reps, Path(d))

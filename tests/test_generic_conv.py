@@ -100,10 +100,15 @@ def test_transformers_resnet_checkpoint_loads_into_the_family(tmp_path):
     assert isinstance(m, ResNet)
     with torch.no_grad():
         assert _cos(m(x["pixel_values"]), ref) > 1 - 1e-6
-    q = lathe.load(lathe.compress_checkpoint(src, "int8", tmp_path / "int8"))
+    out = lathe.compress_checkpoint(src, "int8", tmp_path / "int8")
+    q = lathe.load(out)
     assert isinstance(q, ResNet)
     with torch.no_grad():
         assert _cos(q(x["pixel_values"]), ref) >= 0.99
+    # its ONNX (QDQ written from lathe's int8 model, the max pooling on the u8 codes), validated
+    from lathe.export.vision import export as export_vision
+    _, report = export_vision(out, tmp_path / "r.onnx", n_images=8)
+    assert report["cosine_mean"] >= 0.995 and report["nan"] == 0
     g = write("resnet-generic", tmp_path / "g")
     assert isinstance(lathe.load(g), hf_class(json.loads((g / "config.json").read_text())))
 

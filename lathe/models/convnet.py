@@ -73,6 +73,8 @@ class MaxPool(nn.Module):
     def forward(self, x):
         if isinstance(x, torch.Tensor):
             return F.max_pool2d(x, self.k, self.stride, self.padding)
+        if hasattr(x, "g"):  # lathe.export.vision's symbolic activation: one ONNX MaxPool node
+            return x.g.maxpool(x, self.k, self.stride, self.padding)
         from dataclasses import replace
         if x.zp != 0:  # a zero-padded border would beat negative values
             raise ValueError("int8 max pooling needs activations with zero point 0 (after ReLU)")
