@@ -6,6 +6,9 @@ is quantized on entry with a static per-tensor u8 (scale, zero point) calibrated
 recipe's batches (min/max). lathe's CNN families go further (activation fused, int8 kept
 between convs); here the model's own code sits between the convs, so that is not known.
 
+Only where Conv2d layers hold most of the Linear + Conv2d weights (a CNN, not a transformer's
+patch embedding); undone, and named in the report, if the model's output on a calibration
+batch breaks with them (model code that reads a conv's .weight.dtype, as ViT's does).
 Which BatchNorm2d folds into which conv is traced on one calibration batch (the BN whose input
 is the conv's output tensor), not read from module names. Convs the kernel cannot run (grouped
 but not depthwise, dilated, non-square) stay fp32 and are listed in the report."""
@@ -123,6 +126,9 @@ def quantize_convs(model: nn.Module, batches: list, skip=()) -> dict:
              if isinstance(m, nn.Conv2d) and not any(fnmatch.fnmatch(n, p) for p in skip)]
     if not convs:
         return {"convs": 0}
+    share = _conv_share(model)
+    if share < 0.5:  # a transformer's patch embedding: small, and its model may read .weight.dtype
+        return {"convs": 0, "note": f"Conv2d layers hold {share:.0%} of the Linear + Conv2d weights: left fp32"}
     if not batches:
         raise BadInput("int8 for Conv2d layers needs calibration batches")
     if any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
@@ -139,12 +145,35 @@ def quantize_convs(model: nn.Module, batches: list, skip=()) -> dict:
                                                 out_qparams=None, padding=_padding(conv), name=n)
         except BadInput as e:  # a shape the kernel does not run: fp32, and said so
             kept[n] = str(e)
+    with torch.inference_mode():
+        before = model(**batches[0])
     for n, q in swapped.items():
         _set(model, n, q)
         if n in folds:
             _set(model, folds[n], FoldedNorm())
+    with torch.inference_mode():
+        cos = _cosine(before, model(**batches[0]))
+    if not cos >= 0.9:  # the model's own code broke on them (e.g. it casts its input to a conv's weight dtype)
+        for n in swapped:
+            _set(model, n, mods[n])
+            if n in folds:
+                _set(model, folds[n], mods[folds[n]])
+        why = f"reverted: the model's output on a calibration batch fell to cosine {cos:.3f} with them"
+        return {"convs": 0, "fp32_convs": {n: why for n in swapped} | kept}
     return {"convs": len(swapped), "batchnorm_folded": sum(n in folds for n in swapped),
-            "fp32_convs": kept, "activations": "static per-tensor u8 input (minmax), fp32 output"}
+            "fp32_convs": kept, "activations": "static per-tensor u8 input (minmax), fp32 output",
+            "calibration_batch_cosine": cos}
+
+
+def _conv_share(model) -> float:
+    conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    lin = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return conv / max(1, conv + lin)
+
+
+def _cosine(a, b) -> float:
+    a, b = (getattr(t, "logits", t) for t in (a, b))
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), 0))
 
 
 def _set(model, name, new):

@@ -132,3 +132,30 @@ def test_cli_compress_bench_export(tmp_path):
     import onnx
     ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops  # lathe's int8 math as QDQ
+
+
+class _ReadsWeightDtype(nn.Module):
+    """Casts its input to the first conv's weight dtype, as ViT does: int8 with lathe's module."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, pixel_values):
+        return self.c2(torch.relu(self.c1(pixel_values.to(self.c1.weight.dtype))))
+
+
+def test_convs_that_break_the_model_are_undone_and_named():
+    from lathe.compress.generic_conv import quantize_convs
+
+    torch.manual_seed(0)
+    m = _ReadsWeightDtype().eval()
+    batches = [{"pixel_values": torch.randn(2, 3, 8, 8)}]
+    with torch.no_grad():
+        ref = m(**batches[0])
+    rep = quantize_convs(m, batches)
+    assert rep["convs"] == 0 and set(rep["fp32_convs"]) == {"c1", "c2"}
+    assert all("reverted" in why for why in rep["fp32_convs"].values())
+    assert type(m.c1) is nn.Conv2d and type(m.c2) is nn.Conv2d
+    with torch.no_grad():
+        assert torch.equal(m(**batches[0]), ref)
