@@ -60,7 +60,9 @@ def check_lengths(config: dict, prompt_len, gen_len):
 
 
 def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs: int = 20,
-        min_seconds: float = 2.0, max_seconds: float | None = 30.0, log=print) -> dict:
+        min_seconds: float = 2.0, max_seconds: float | None = 30.0, log=print, backends=()) -> dict:
+    """backends: torchao-int8 / torchao-int4 add torchao's quantize_ of transformers' model
+    (lathe.bench.torchao_backend) beside lathe fp32 and the compressed model."""
     from lathe.compress.checkpoint import load
     from lathe.bench.machine import describe
     from lathe.bench.perplexity import as_tokenizers, heldout_texts, perplexity
@@ -75,16 +77,29 @@ def run(target, batches=(1,), prompt_len: int = 128, gen_len: int = 32, min_runs
            "machine": describe(), "config": {"target": str(tgt.path), "source": str(src.path),
                                              "prompt_len": prompt_len, "gen_len": gen_len},
            "interrupted": False, "results": [], "quality": {}}
-    models = [("fp32", src.path)] + ([(tgt.manifest["recipe"]["name"], tgt.path)] if tgt.is_compressed else [])
+    models = [("fp32", lambda: load(src.path))]
+    if tgt.is_compressed:
+        models.append((tgt.manifest["recipe"]["name"], lambda: load(tgt.path)))
+    for kind in ("torchao-int8", "torchao-int4"):
+        if kind in backends:
+            from lathe.bench import torchao_backend as tao
+            try:
+                tao.check(kind)
+            except tao.Unavailable as e:
+                doc.setdefault("skipped", {})[kind] = str(e)
+                log(f"{kind}: skipped: {e}")
+                continue
+            models.append((kind, lambda kind=kind: tao.quantized(src.path, kind)[0]))
     try:
-        for label, path in models:
-            m = load(path)
+        for label, build in models:
+            m = build()
             ppl = perplexity(m, tok, texts, max_tokens=8192)
-            doc["quality"][f"lathe {label}"] = {"perplexity": ppl}
+            name = label if label.startswith("torchao") else f"lathe {label}"
+            doc["quality"][name] = {"perplexity": ppl}
             for b in batches:
                 log(f"{label}: batch {b}, prompt {prompt_len}, generate {gen_len} ...")
                 r = measure(m, tok, b, prompt_len, gen_len, min_runs, min_seconds, max_seconds)
-                doc["results"].append({"backend": f"lathe {label}", **r})
+                doc["results"].append({"backend": name, **r})
     except KeyboardInterrupt:
         doc["interrupted"] = True
         print("\ninterrupted: writing what was measured", file=sys.stderr)
@@ -99,4 +114,5 @@ def table(doc: dict) -> str:
         lines.append(f"{r['backend']:22} {r['batch']:5d} {r['prefill']['p50_ms']:15.2f} "
                      f"{r['decode_per_token']['p50_ms']:18.2f} {r['decode_tokens_per_s']:12.1f} "
                      f"{q.get('perplexity', float('nan')):10.2f}")
+    lines += [f"{k}: skipped: {why}" for k, why in doc.get("skipped", {}).items()]
     return "\n".join(lines)

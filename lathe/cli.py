@@ -327,7 +327,8 @@ def _bench_decoder(a):
     from lathe.bench import decoder
     from lathe.io import atomic_file
 
-    doc = decoder.run(a.target, a.batch, a.prompt_len, a.gen_len, max(3, a.min_runs // 5), a.min_seconds)
+    doc = decoder.run(a.target, a.batch, a.prompt_len, a.gen_len, max(3, a.min_runs // 5), a.min_seconds,
+                      backends=tuple(a.backend.split(",")) if a.backend else ())
     print(decoder.table(doc))
     out = Path(a.out)
     for path in [out / "report.json"] + ([Path(a.json)] if a.json else []):

@@ -89,3 +89,19 @@ def test_one_table_with_lathe(roberta, tmp_path):
     assert "torchao int8" in text
     ran_int4 = any(lb.startswith("torchao int4") for lb in labels)
     assert ran_int4 or "torchao-int4: skipped:" in text
+
+
+def test_decoder_bench_with_torchao(tmp_path):
+    """`lathe bench DECODER --backend torchao-int8`: torchao's model decodes beside lathe's, with
+    its perplexity (close to fp32's: int8 on a random model moves it little)."""
+    _need_torchao()
+    from lathe.bench import decoder
+
+    src = write("qwen2", tmp_path / "qwen2")
+    doc = decoder.run(src, (1,), 16, 2, min_runs=2, min_seconds=0.05, max_seconds=5, log=lambda *_: None,
+                      backends=("torchao-int8", "torchao-int4"))
+    names = [r["backend"] for r in doc["results"]]
+    assert names[0] == "lathe fp32" and "torchao-int8" in names
+    p0, p1 = doc["quality"]["lathe fp32"]["perplexity"], doc["quality"]["torchao-int8"]["perplexity"]
+    assert abs(p1 / p0 - 1) < 0.02, (p0, p1)
+    assert "torchao-int4" in names or "torchao-int4: skipped:" in decoder.table(doc)
