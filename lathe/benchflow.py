@@ -10,7 +10,8 @@ from pathlib import Path
 from lathe.errors import BadInput
 
 ALL = ("torch", "compile", "lathe", "lathe-fp32", "onnxruntime", "ort-int8", "ort-int8-pc", "lathe-onnx",
-       "lathe-onnx-fast", "lathe-onnx-hybrid", "lathe-onnx-exact", "torchao-int8", "torchao-int4")
+       "lathe-onnx-fast", "lathe-onnx-hybrid", "lathe-onnx-exact")
+ANCHORS = ("torchao-int8", "torchao-int4")  # other tools, optional packages (lathe.bench.torchao_backend)
 DEFAULT = ("torch", "lathe", "onnxruntime", "ort-int8", "ort-int8-pc", "lathe-onnx")
 REFERENCE = "torch fp32"
 
@@ -51,9 +52,9 @@ def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128,
     from lathe.export.onnx import export_onnx
     from lathe.source import default_checkpoint, open_source, recorded_source
 
-    unknown = [b for b in backends if b not in ALL]
+    unknown = [b for b in backends if b not in ALL + ANCHORS]
     if unknown:
-        raise BadInput(f"unknown backend {unknown[0]!r}; expected some of {', '.join(ALL)}")
+        raise BadInput(f"unknown backend {unknown[0]!r}; expected some of {', '.join(ALL + ANCHORS)}")
     target = Path(target)
     if not target.exists():
         raise BadInput(f"no such file or directory: {target}")
