@@ -112,7 +112,7 @@ def test_w8a16_grouped_and_fp8_per_tensor_lowerings(tmp_path):
     from lathe.compress.modules import QLinearFP8, QLinearW8A16
     from lathe.export.onnx import export_model
     from lathe.export.validate import ort_session
-    from lathe.export.weight_only import needs_opset
+    from lathe.export.lowerings import needs_opset
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)

@@ -5,7 +5,7 @@ A format is one file in this folder (w8a8.py, w4a16.py, w8a16.py, fp8.py): a fro
 (quantize, the reference dequantize, its manifest entry, the hooks below) and the nn.Module
 that holds its tensors and calls its torch.ops.lathe op. Code elsewhere asks
 `module.format.<hook>`, never the module's class. Hooks that belong to a higher layer are
-keyed by the format's `name` there: the ONNX lowering (lathe.export), the vLLM scheme
+keyed by the format's `name` there: the ONNX lowering (lathe.export.lowerings), the vLLM scheme
 (lathe.compress.vllm_config.SCHEMES), the ModelOpt converter
 (lathe.compress.modelopt_backend.CONVERTERS).
 """
