@@ -216,6 +216,9 @@ def fast_exact_modules(model, source, calib=None) -> set:
 
 # The newest opset lathe's lowerings are checked with (onnxruntime validates the export).
 MAX_OPSET = 23
+# The default opset of an encoder's fused int8 export: opset 21's blocked QuantizeLinear
+# quantizes each row in place (fewer nodes; see lathe.export.lowerings.w8a8).
+FUSED_OPSET = 21
 
 
 def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None, validate: bool = True,
@@ -275,14 +278,15 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
 def _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, accuracy_level,
             external_data, slim, calib_method):
     from lathe.compress.checkpoint import load
-    from lathe.export.validate import validate_onnx
+    from lathe.compress.formats import quantized_modules
     from lathe.export.lowerings import needs_opset
+    from lathe.export.validate import validate_onnx
 
     model = load(source.path)
     need = needs_opset(model, target)
     if opset is not None and opset < need:
         raise BadInput(f"opset {opset} is too old for this model's quantized modules: it needs {need}")
-    opset = max(opset or 18, need)
+    asked, opset = opset, max(opset or 18, need)
     if getattr(model, "lathe_generic", False):  # any other transformers model
         from lathe.export.generic import export_generic
         return export_generic(model, source, out, target, opset, validate, int8_mode, accuracy_level,
@@ -293,6 +297,9 @@ def _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, 
         from lathe.export.decoder import export_decoder
         return export_decoder(model, source, out, target, opset, validate, accuracy_level,
                               external_data, slim)
+    if asked is None and target == "onnxruntime" and int8_mode == "fused" and \
+            any(m.format.act_int8 for _, m in quantized_modules(model)):
+        opset = max(opset, FUSED_OPSET)
     example = _example_inputs(source.path, batch, seq)
     scales = static_act_scales(model, source, calib, calib_method) if target == "tensorrt" else None
     exact = (fast_exact_modules(model, source, calib)

@@ -98,54 +98,89 @@ def zero_point_rows(w_q: torch.Tensor) -> int:
     return max(1, -(-int(w_q.to(torch.int32).sum(1).abs().max()) // 127))
 
 
-def make_linear_w8a8_ort_fused(zp_rows: dict):
+def _augmented_weight(w_q, J: int):
+    """The weight as [K + J, N]: W^T, then J rows splitting -colsum evenly (Hermite:
+    sum_j floor((t + j) / J) = t), each |row| <= ceil(|t| / J) <= 127 (constant-folded)."""
+    t = op.Cast(op.Neg(op.ReduceSum(op.Cast(w_q, to=INT32), const([1], torch.int64), keepdims=1)), to=FLOAT)
+    parts = op.Floor(op.Div(op.Add(t, const([[float(j) for j in range(J)]])), const(float(J))))
+    return op.Concat(op.Transpose(w_q, perm=[1, 0]),
+                     op.Cast(op.Transpose(parts, perm=[1, 0]), to=ir.DataType.INT8), axis=0)
+
+
+_MITF = ["A", "B", "a_scale", "b_scale", "a_zero_point?", "b_zero_point?", "bias?"]
+
+
+def make_linear_w8a8_ort_fused(zp_rows: dict, opset: int = 18):
     """The default onnxruntime lowering: lathe's own per-token asymmetric math (the kernel's
     scale, zero point and rounding), run by onnxruntime's fused int8 GEMM.
 
     Per row m of x [M, K]: s = (max(x, 0) - min(x, 0)) / 255, zp = round(-min / s), exactly as
     the kernel. MatMulIntegerToFloat (MLAS, prepacked s8 weight) takes only a scalar zero
     point for its activation but a per-row scale, so the per-row zero point rides in the GEMM
-    itself: x is padded with J zero columns, which QuantizeLinear turns into zp[m], and the
-    weight gets J extra rows whose sum is -sum_k W[n, k] (each within int8, J = zp_rows[name],
-    see zero_point_rows). The GEMM then returns s[m] * w_scale[n] * sum_k (q[m, k] - zp[m]) W[n, k]
-    with no elementwise pass over the [M, N] output besides the bias (folded into BiasGelu, or
-    into the Sum before a LayerNormalization by lathe.export.ort_graph)."""
+    itself: x is padded with J columns holding zp[m], and the weight gets J extra rows whose
+    sum is -sum_k W[n, k] (each within int8, J = zp_rows[name], see zero_point_rows). The GEMM
+    then returns s[m] * w_scale[n] * sum_k (q[m, k] - zp[m]) W[n, k]; the bias is folded into
+    BiasGelu, or into the Sum before a LayerNormalization by lathe.export.ort_graph.
+
+    opset >= 21 (lathe's default for onnxruntime int8): x stays [.., K] and one blocked
+    QuantizeLinear (block = the whole row) quantizes it with its per-row scale and zero point,
+    about a dozen small nodes a linear, since onnxruntime's cost per node is what bounds
+    batch 1. Older opsets: x is flattened to [M, K] for a per-axis QuantizeLinear (more nodes).
+    Symmetric modules: zero point 128 on every row, as the kernel (a scalar zero point: no padding)."""
     table = by_graph_name({k: float(v) for k, v in zp_rows.items()})
+    mitf = msft("MatMulIntegerToFloat", _MITF)
 
     def linear_w8a8_ort_fused(x, w_q, w_scale, bias=None, act: str = "none", smooth=None,
                               asym: bool = False, w_packed=None, colsum=None):
-        i64 = torch.int64
-        J = int(table[str(w_q.name)])
-        N = w_q.shape[0]
         if smooth is not None:
             x = op.Mul(x, smooth)
-        x2 = op.Flatten(x, axis=-1)
-        axes, zero = const([1], i64), const(0.0)
-        # a row of zeros gets any positive scale (1e-30 here, 1 in the kernel): both give y = 0
-        if asym:
-            lo = op.Min(op.ReduceMin(x2, axes, keepdims=0), zero)
-            s = op.Div(op.Max(op.Sub(op.Max(op.ReduceMax(x2, axes, keepdims=0), zero), lo), const(1e-30)), const(255.0))
-            zp = op.Cast(op.Round(op.Div(op.Neg(lo), s)), to=UINT8)  # in [0, 255] as -lo <= 255 s
-        else:  # symmetric: u8 with zero point 128 on every row, as the kernel
-            s = op.Div(op.Max(op.ReduceMax(op.Abs(x2), axes, keepdims=0), const(1e-30)), const(127.0))
-            zp = op.Cast(op.Add(op.Mul(s, zero), const(128.0)), to=UINT8)
-        q = op.QuantizeLinear(x2, s, zp, axis=0)
-        # J more u8 columns holding zp[m] (the padding that carries the zero point)
-        q = op.Concat(q, op.Expand(op.Unsqueeze(zp, axes), const([1, J], i64)), axis=1)
-        # the weight as [K + J, N]: W^T, then J rows splitting -colsum evenly (Hermite:
-        # sum_j floor((t + j) / J) = t), each |row| <= ceil(|t| / J) <= 127
-        t = op.Cast(op.Neg(op.ReduceSum(op.Cast(w_q, to=INT32), axes, keepdims=1)), to=FLOAT)
-        parts = op.Floor(op.Div(op.Add(t, const([[float(j) for j in range(J)]])), const(float(J))))
-        w_aug = op.Concat(op.Transpose(w_q, perm=[1, 0]),
-                          op.Cast(op.Transpose(parts, perm=[1, 0]), to=ir.DataType.INT8), axis=0)
-        y = msft("MatMulIntegerToFloat", ["A", "B", "a_scale", "b_scale", "a_zero_point?", "b_zero_point?", "bias?"])(
-            q, w_aug, op.Unsqueeze(s, axes), w_scale)
-        y = op.Reshape(y, op.Concat(op.Shape(x, end=-1), const([N], i64), axis=0))
+        y = (_fused_rows(x, w_q, w_scale, asym, int(table[str(w_q.name)]), mitf) if opset >= 21
+             else _fused_flat(x, w_q, w_scale, asym, int(table[str(w_q.name)]), mitf))
         if act == "gelu" and bias is not None:  # one pass: com.microsoft.BiasGelu
             return msft("BiasGelu", 2)(y, bias)
         return epilogue(y, bias, act, ort=True)
 
     return linear_w8a8_ort_fused
+
+
+def _fused_rows(x, w_q, w_scale, asym: bool, J: int, mitf):
+    """opset 21: per-row quantization of x [.., K] in place (blocked QuantizeLinear)."""
+    from onnxscript import opset21 as op21
+
+    K = w_q.shape[1]
+    axes, zero, tiny = const([-1], torch.int64), const(0.0), const(1e-30)
+    # a row of zeros gets any positive scale (1e-30 here, 1 in the kernel): both give y = 0
+    if not asym:
+        s = op.Div(op.Max(op.ReduceMax(op.Abs(x), axes, keepdims=1), tiny), const(127.0))
+        zp = op.Expand(op.Constant(value=ir.tensor(torch.tensor([128], dtype=torch.uint8))), op.Shape(s))
+        q = op21.QuantizeLinear(x, s, zp, axis=-1, block_size=K)
+        return mitf(q, op.Transpose(w_q, perm=[1, 0]), s, w_scale, const(128, torch.uint8))
+    lo = op.Min(op.ReduceMin(x, axes, keepdims=1), zero)
+    # max(hi, 1e-30) - lo: the kernel's max(hi, 0) - min(lo, 0) (equal in fp32 unless |lo| < 1e-23)
+    s = op.Div(op.Sub(op.Max(op.ReduceMax(x, axes, keepdims=1), tiny), lo), const(255.0))
+    zp = op21.QuantizeLinear(op.Neg(lo), s, axis=-1, block_size=1)  # round(-lo / s), u8 (-lo <= 255 s)
+    q = op21.QuantizeLinear(x, s, zp, axis=-1, block_size=K)
+    q = op.Concat(q, *([zp] * J), axis=-1)  # J more u8 columns holding zp (the padding)
+    return mitf(q, _augmented_weight(w_q, J), s, w_scale)
+
+
+def _fused_flat(x, w_q, w_scale, asym: bool, J: int, mitf):
+    """opset < 21: x flattened to [M, K], one per-axis QuantizeLinear (axis 0)."""
+    i64 = torch.int64
+    N = w_q.shape[0]
+    x2 = op.Flatten(x, axis=-1)
+    axes, zero = const([1], i64), const(0.0)
+    if asym:
+        lo = op.Min(op.ReduceMin(x2, axes, keepdims=0), zero)
+        s = op.Div(op.Max(op.Sub(op.Max(op.ReduceMax(x2, axes, keepdims=0), zero), lo), const(1e-30)), const(255.0))
+        zp = op.Cast(op.Round(op.Div(op.Neg(lo), s)), to=UINT8)  # in [0, 255] as -lo <= 255 s
+    else:  # symmetric: u8 with zero point 128 on every row, as the kernel
+        s = op.Div(op.Max(op.ReduceMax(op.Abs(x2), axes, keepdims=0), const(1e-30)), const(127.0))
+        zp = op.Cast(op.Add(op.Mul(s, zero), const(128.0)), to=UINT8)
+    q = op.QuantizeLinear(x2, s, zp, axis=0)
+    q = op.Concat(q, op.Expand(op.Unsqueeze(zp, axes), const([1, J], i64)), axis=1)
+    y = mitf(q, _augmented_weight(w_q, J), op.Unsqueeze(s, axes), w_scale)
+    return op.Reshape(y, op.Concat(op.Shape(x, end=-1), const([N], i64), axis=0))
 
 
 def make_linear_w8a8_qdq(act_scales: dict | None):
@@ -181,7 +216,7 @@ def lower(ctx):
     if ctx.target == "tensorrt":
         return make_linear_w8a8_qdq(ctx.act_scales)
     if ctx.int8_mode == "fused":
-        return make_linear_w8a8_ort_fused(ctx.zp_rows or {})
+        return make_linear_w8a8_ort_fused(ctx.zp_rows or {}, ctx.opset)
     if ctx.int8_mode == "exact":
         return linear_w8a8_ort
     return make_linear_w8a8_ort_fast(ctx.exact if ctx.int8_mode == "hybrid" else None)
