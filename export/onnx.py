@@ -11,7 +11,7 @@ lathe.export.lowerings (one file a format); decoders: lathe.export.decoder; writ
 from __future__ import annotations
 
 import io
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -148,8 +148,31 @@ def static_act_scales(model, source, calib=None, method: str = "minmax") -> dict
     recorded, why = (None, "calibration texts were given") if calib else \
         recorded_act_scales(source.manifest, model, method)
     if recorded is None and source.is_compressed:
-        print(f"note: calibrating activation scales for the tensorrt target: {why}", file=sys.stderr)
+        print(f"note: calibrating static activation scales: {why}", file=sys.stderr)
     return calibrate_act_scales(model, source.path, calib, method=method, recorded=recorded)
+
+
+# Known-harmless exporter noise: torch's pytree deprecation inside torch.export, the note that
+# two inputs share the batch/seq axes (lathe declares them so), the skipped torchvision ops.
+_EXPORTER_NOISE = ((FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+                   (UserWarning, r"# The axis name: .* will not be used"))
+
+
+@contextmanager
+def _quiet_exporter():
+    import logging
+    import warnings
+
+    reg = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg.level
+    reg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _EXPORTER_NOISE:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        reg.setLevel(level)
 
 
 def export_model(model, example: dict, out: Path, target: str = "onnxruntime", opset: int = 18,
@@ -173,7 +196,7 @@ def export_model(model, example: dict, out: Path, target: str = "onnxruntime", o
     table = translation_table(Context(target, opset, int8_mode, accuracy_level, act_scales,
                                       frozenset(exact or ()), zero_point_table(model) if int8_mode == "fused" else None,
                                       Buffers(model)))
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
         # The exporter is chatty on stdout; lathe prints its own summary.
         with redirect_stdout(io.StringIO()):
             prog = torch.onnx.export(

@@ -61,13 +61,17 @@ class Validation:
 
 def ort_session(model, threads: int | None = None):
     """The one onnxruntime CPU session builder: `model` is a path or an onnx ModelProto;
-    intra-op threads = threads or torch's, one inter-op thread, warnings off."""
+    intra-op threads = threads or torch's, one inter-op thread, warnings off, and threads that
+    do not spin-wait between runs (interleaved with torch and lathe on a small machine, spinning
+    threads steal the others' time; every onnxruntime graph lathe runs, anchors included, gets
+    the same options)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
