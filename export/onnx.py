@@ -255,15 +255,16 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
     compressed with per-token asymmetric activations are exported symmetric (TensorRT accepts
     zero point 0 only), so the graph is validated with the looser "int8-static" tolerance.
     target "onnxruntime", int8_mode "fused" (default): lathe's per-token math in onnxruntime's
-    fused int8 GEMM (lathe's quality, about the speed of onnxruntime's own int8); "fast":
+    fused int8 GEMM (lathe's quality, about 0.85x the speed of onnxruntime's own int8); "fast":
     per-tensor activations fused into DynamicQuantizeMatMul (lower quality); "hybrid": fast with
     the outlier modules (calibrated) per token; "exact": lathe's per-token math in standard ONNX
     ops only (any runtime; slower on onnxruntime). See lathe.export.lowerings.w8a8. accuracy_level: MatMulNBits'
-    (int4 on onnxruntime; 4 = int8 activations, 0 = fp32). opset: default 18, raised to what the
+    (int4 on onnxruntime; 4 = int8 activations, 0 = fp32). opset: default 18 (21 for an
+    encoder's fused int8 export to onnxruntime: rows quantized in place), raised to what the
     modules need (21 for blocked int4/int8 DequantizeLinear, 19 for FP8). Llama decoders
     export with their KV cache (lathe.export.decoder). external_data: None = automatic past
     2 GB. slim: simplify with onnxslim, then validate. calib_method: the tensorrt target's
-    activation amax (minmax, percentile, mse, entropy; see calibrate_act_scales). The output is
+    activation amax (minmax, percentile, mse, entropy; see static_act_scales). The output is
     checked and locked first (lathe.io.claim); force replaces a file lathe did not write."""
     from lathe.export.lowerings import INT8_MODES, TARGETS
     from lathe.io import claim
