@@ -17,6 +17,7 @@ model_type: it calls adapter_of(model) (or model_class(config) before a model ex
     tokenizer           TokenizerSettings (pad token, maximum length, end-of-text token)
     hf_reference(path)  the transformers model lathe's output is compared with (bench, validation)
     typed_config        the config.json fields lathe reads, as a ModelConfig
+    take_config(config) config.json checked for the family's `required` fields and kept
 
 A model that is no ModelAdapter (a toy nn.Sequential in a test, a model built elsewhere) gets
 FallbackAdapter: each Linear its own group, blocks found under the usual names, no fusion.
@@ -83,6 +84,19 @@ class ModelAdapter:
     tokenizer: ClassVar[TokenizerSettings] = TokenizerSettings()
     hf_class: ClassVar[str] = ""  # transformers class name for hf_reference
     hf_output: ClassVar[str] = "last_hidden_state"
+    style: ClassVar[str] = "?"  # how a message names the family ("BERT-style")
+    # config.json fields a transformer family cannot be built without
+    required: ClassVar[tuple] = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                                 "vocab_size")
+
+    def take_config(self, config: dict) -> None:
+        """Called first by a family's __init__ (after nn.Module's): config.json checked for the
+        required fields (BadInput naming the missing ones) and kept; no transform applied yet."""
+        missing = [k for k in self.required if k not in config]
+        if missing:
+            raise BadInput(f"config.json lacks {', '.join(missing)} for a {self.style} model")
+        self.config = dict(config)
+        self.applied_transforms: list[str] = []  # recorded in the manifest, replayed by load
 
     def blocks(self) -> nn.ModuleList:
         return self.get_submodule(self.blocks_path)
