@@ -14,7 +14,8 @@ model_type: it calls adapter_of(model) (or model_class(config) before a model ex
     pool(out, mask)     the vector quality is scored on (encoders: the mean of the real tokens)
     fusable_act(name)   the activation that Linear `name` may apply in its kernel epilogue (None:
                         none); mark_act_fused(name) tells the model it is applied there
-    tokenizer           TokenizerSettings (pad token, maximum length, end-of-text token)
+    tokenizer           TokenizerSettings (pad token, maximum length, end-of-text token): what
+                        lathe.text.Tokenizer pads and truncates with (lathe.models.tokenizer(dir))
     hf_reference(path)  the transformers model lathe's output is compared with (bench, validation)
     typed_config        the config.json fields lathe reads, as a ModelConfig
     take_config(config) config.json checked for the family's `required` fields and kept
@@ -31,18 +32,11 @@ import torch
 import torch.nn as nn
 
 from lathe.errors import BadInput
+from lathe.text import TokenizerSettings  # noqa: F401  (the protocol's; core, so lathe.text can pad)
 
 # Where transformer stacks keep their blocks, for models without an adapter.
 BLOCK_PATHS = ("encoder.layer", "model.layers", "model.decoder.layers", "transformer.h",
                "gpt_neox.layers", "decoder.layers", "layers", "blocks", "h")
-
-
-@dataclass(frozen=True)
-class TokenizerSettings:
-    pad_token: str = "[PAD]"
-    pad_id: int = 0
-    max_length: int = 512
-    eot: str | None = None  # the end-of-text token that separates training documents
 
 
 @dataclass(frozen=True)
