@@ -53,14 +53,16 @@ def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed=0):
 
 # b<B> h<Hq> kv<Hkv> q<Sq> k<Sk> d<D>, m: a key mask, then the dtype (each string is its test's id):
 # odd lengths, GQA ratios 1/2/4, D 32/64/96.
-DENSE = """b1h2kv2q1k1d32-float32 b2h2kv2q3k3d32-float16 b1h2kv1q17k17d64-float16 b2h4kv2q17k65d32m-float32
-           b2h4kv1q65k65d32m-float16 b2h2kv2q65k17d64-float32 b2h2kv1q3k65d96m-float16 b2h4kv4q17k3d64m-float16
-           b2h8kv2q1k17d64-float32 b2h4kv2q65k1d32m-float32 b2h8kv2q65k65d64m-float32 b1h4kv1q33k17d64-float16""".split()
+DENSE = """b1h2kv2q1k1d32-float32 b2h2kv2q3k3d32-float16 b1h2kv1q17k17d64-float16
+           b2h4kv2q17k65d32m-float32 b2h4kv1q65k65d32m-float16 b2h2kv2q65k17d64-float32
+           b2h2kv1q3k65d96m-float16 b2h4kv4q17k3d64m-float16 b2h8kv2q1k17d64-float32
+           b2h4kv2q65k1d32m-float32 b2h8kv2q65k65d64m-float32 b1h4kv1q33k17d64-float16""".split()
 
 
 def _dense(case):
     """B, Hq, Hkv, Sq, Sk, D, mask, dtype of a DENSE case."""
-    *sizes, mask, dtype = re.fullmatch(r"b(\d+)h(\d+)kv(\d+)q(\d+)k(\d+)d(\d+)(m?)-(\w+)", case).groups()
+    pattern = r"b(\d+)h(\d+)kv(\d+)q(\d+)k(\d+)d(\d+)(m?)-(\w+)"
+    *sizes, mask, dtype = re.fullmatch(pattern, case).groups()
     return (*map(int, sizes), mask == "m", getattr(torch, dtype))
 
 
