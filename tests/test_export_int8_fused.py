@@ -14,15 +14,7 @@ import lathe.kernels  # noqa: F401  (registers torch.ops.lathe.*)
 from lathe.compress.modules import QLinearW8A8
 from lathe.errors import ValidationFailed
 from lathe.export.validate import ort_session, validate_onnx
-
-
-class _One(torch.nn.Module):
-    def __init__(self, lin):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
+from testkit import One
 
 
 def _truth(m, x):
@@ -49,7 +41,7 @@ def test_fused_linear_matches_the_kernels_math(tmp_path, asym, smooth, bias, act
     K, N = 33, 17
     lin = torch.nn.Linear(K, N, bias=bias)
     sm = torch.rand(K) + 0.5 if smooth else None
-    model = _One(QLinearW8A8.from_linear(lin, act=act, smooth=sm, act_asym=asym)).eval()
+    model = One(QLinearW8A8.from_linear(lin, act=act, smooth=sm, act_asym=asym)).eval()
     J = zero_point_table(model)["lin.weight"]
     assert J == max(1, -(-int(model.lin.weight.int().sum(1).abs().max()) // 127))
     out = export_model(model, {"x": torch.randn(2, 3, K)}, tmp_path / "m.onnx", opset=opset, output_names=("y",))

@@ -82,6 +82,20 @@ def register_module(cls):
     return cls
 
 
+def module_class(name, where: str) -> type:
+    """The module class a manifest entry names (a plugin's, such as low-rank, imported on
+    demand); BadInput "<where> names unknown module class" when none is registered."""
+    cls = QUANT_MODULES.get(name)
+    if cls is None:
+        from lathe.compress.config import ensure_registered
+
+        ensure_registered()
+        cls = QUANT_MODULES.get(name)
+    if cls is None:
+        raise BadInput(f"{where} names unknown module class {name!r}")
+    return cls
+
+
 def register_format(module_cls):
     """Class decorator of a Format: registers it under its name with its module."""
     def deco(fmt_cls):
