@@ -21,9 +21,9 @@ from lathe.errors import BadInput
 
 def _example_inputs(model_dir, batch: int = 2, seq: int = 16):
     """Sizes above 1 on the dynamic axes: torch.export would bake in a size of 0 or 1."""
-    from lathe.text import Tokenizer
+    from lathe.models import tokenizer
 
-    tok = Tokenizer(model_dir)
+    tok = tokenizer(model_dir)
     return tok(["lathe exports a model to onnx"] * batch, seq_len=seq)
 
 
@@ -49,7 +49,8 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     skipped and only the error pass runs."""
     from lathe.compress.calibration import make_observer, real_tokens
     from lathe.compress.formats import quantized_modules
-    from lathe.text import Tokenizer, batches, calibration_texts
+    from lathe.models import tokenizer
+    from lathe.text import batches, calibration_texts
 
     mods = {n: m for n, m in quantized_modules(model) if m.format.act_int8}
     if not mods:
@@ -57,7 +58,7 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     texts = list(texts or calibration_texts())
     if not texts:
         raise BadInput("calibration needs at least one text")
-    tok = Tokenizer(model_dir)
+    tok = tokenizer(model_dir)
     obs = None if method == "minmax" else {n: make_observer(method, name=n) for n in mods}
     amax = dict.fromkeys(mods, 0.0)
     if recorded is not None:

@@ -87,12 +87,13 @@ def validate_onnx(path, model, model_dir, quantized: bool, raise_on_fail: bool =
     import onnx
 
     from lathe.models.base import adapter_of
-    from lathe.text import Tokenizer, eval_sentences
+    from lathe.models import tokenizer
+    from lathe.text import eval_sentences
 
     onnx.checker.check_model(str(path))
     sess = ort_session(path)
     names = {i.name for i in sess.get_inputs()}
-    tok = Tokenizer(model_dir)
+    tok = tokenizer(model_dir)
     sents = eval_sentences()
     max_abs = max_rel = 0.0
     min_cos = 1.0
