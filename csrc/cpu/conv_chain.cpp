@@ -1,10 +1,14 @@
 // ConvChain (see conv_chain.h).
 #include "cpu/conv_chain.h"
 
+#include <omp.h>
+
 #include <algorithm>
+#include <exception>
 #include <string>
 
 #include "cpu/isa.h"
+#include "cpu/task_pool.h"
 
 namespace lathe {
 namespace {
@@ -127,31 +131,56 @@ void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, 
   if (B == 0) return;
   std::lock_guard<std::mutex> lock(mu_);
   plan(B, H, W);
+  nthreads = std::max(1, nthreads);
   uint8_t* base = arena_.data() + (64 - reinterpret_cast<uintptr_t>(arena_.data()) % 64) % 64;
-  quantize_nchw_u8(x, B, in_c_, H, W, in_scale_, in_zp_, base + off_[0], c4(in_c_), nthreads);
-  const int L = static_cast<int>(layers_.size());
-  for (int i = 0; i < L; ++i) {
-    const ChainLayer& l = layers_[i];
-    const Geo& g = geo_[i];
-    ConvArgs a;
-    a.x = base + off_[l.src + 1];
-    a.B = B, a.H = g.H, a.W = g.W, a.C = l.C, a.ldc = c4(l.C);
-    a.x_scale = l.src < 0 ? in_scale_ : layers_[l.src].out_scale;
-    a.x_zp = l.src < 0 ? in_zp_ : layers_[l.src].out_zp;
-    a.kh = l.kh, a.kw = l.kw, a.stride = l.stride, a.pad_t = g.pt, a.pad_l = g.pl, a.OH = g.OH, a.OW = g.OW;
-    a.packed = l.packed, a.wsum = l.wsum, a.w_scale = l.w_scale, a.bias = l.bias, a.N = l.N;
-    if (l.res >= 0) {
-      a.res = base + off_[l.res + 1], a.ld_res = c4(l.N);
-      a.res_scale = layers_[l.res].out_scale, a.res_zp = layers_[l.res].out_zp;
+  // One OpenMP region for the whole chain: thread 0 runs the layers, the others claim chunks.
+  auto body = [&] {
+    quantize_nchw_u8(x, B, in_c_, H, W, in_scale_, in_zp_, base + off_[0], c4(in_c_), nthreads);
+    const int L = static_cast<int>(layers_.size());
+    for (int i = 0; i < L; ++i) {
+      const ChainLayer& l = layers_[i];
+      const Geo& g = geo_[i];
+      ConvArgs a;
+      a.x = base + off_[l.src + 1];
+      a.B = B, a.H = g.H, a.W = g.W, a.C = l.C, a.ldc = c4(l.C);
+      a.x_scale = l.src < 0 ? in_scale_ : layers_[l.src].out_scale;
+      a.x_zp = l.src < 0 ? in_zp_ : layers_[l.src].out_zp;
+      a.kh = l.kh, a.kw = l.kw, a.stride = l.stride, a.pad_t = g.pt, a.pad_l = g.pl, a.OH = g.OH, a.OW = g.OW;
+      a.packed = l.packed, a.wsum = l.wsum, a.w_scale = l.w_scale, a.bias = l.bias, a.N = l.N;
+      if (l.res >= 0) {
+        a.res = base + off_[l.res + 1], a.ld_res = c4(l.N);
+        a.res_scale = layers_[l.res].out_scale, a.res_zp = layers_[l.res].out_zp;
+      }
+      a.act = l.act, a.out_u8 = l.out_scale > 0, a.out_scale = l.out_scale > 0 ? l.out_scale : 1.f;
+      a.out_zp = l.out_zp;
+      a.out = i + 1 == L ? out : static_cast<void*>(base + off_[i + 1]);
+      a.ldo = l.out_scale > 0 ? c4(l.N) : l.N;
+      a.nthreads = nthreads;
+      if (l.depthwise) dwconv_int8(a);
+      else conv2d_int8(a);
     }
-    a.act = l.act, a.out_u8 = l.out_scale > 0, a.out_scale = l.out_scale > 0 ? l.out_scale : 1.f;
-    a.out_zp = l.out_zp;
-    a.out = i + 1 == L ? out : static_cast<void*>(base + off_[i + 1]);
-    a.ldo = l.out_scale > 0 ? c4(l.N) : l.N;
-    a.nthreads = nthreads;
-    if (l.depthwise) dwconv_int8(a);
-    else conv2d_int8(a);
+  };
+  if (nthreads == 1) {
+    body();
+    return;
   }
+  TaskPool pool;
+  std::exception_ptr err;
+#pragma omp parallel num_threads(nthreads)
+  {
+    if (omp_get_thread_num() == 0) {
+      try {
+        TaskPool::Bind bind(&pool);
+        body();
+      } catch (...) {
+        err = std::current_exception();
+      }
+      pool.finish();
+    } else {
+      pool.serve();
+    }
+  }
+  if (err) std::rethrow_exception(err);
 }
 
 }  // namespace lathe

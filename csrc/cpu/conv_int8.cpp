@@ -8,7 +8,6 @@
 #include "cpu/conv_int8.h"
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +17,7 @@
 
 #include "cpu/int8_gemm.h"
 #include "cpu/isa.h"
+#include "cpu/task_pool.h"
 #include "cpu/vec_math.h"
 
 namespace lathe {
@@ -513,8 +513,8 @@ void conv2d_int8(const ConvArgs& a) {
   const int64_t mtiles = ceil_div(M, MR), tasks = mtiles * ngroups;
   const int nthreads = threads_for(M * a.N * T * c4(a.C), a.nthreads);
   // column group outer: its weight panel stays in L1 (K <= 384) while the activation rows stream
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && tasks > 1)
-  for (int64_t task = 0; task < tasks; ++task) {
+  parallel_tasks(nthreads, tasks, [&](int64_t first, int64_t last) {
+  for (int64_t task = first; task < last; ++task) {
     const int64_t g = task / mtiles, m0 = (task % mtiles) * MR;
     const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
     const uint8_t* ptrs[6 * kMaxTaps];
@@ -533,6 +533,7 @@ void conv2d_int8(const ConvArgs& a) {
       conv_scalar_rows(a, e, ptrs, T, CB, m0, mr);
     }
   }
+  });
 }
 
 // ---------------------------------------------------------------- depthwise entry points
@@ -597,8 +598,8 @@ void dwconv_int8(const ConvArgs& a) {
   const int64_t rows = a.B * a.OH;
   const DwRowFn row_fn = dw_row_fn(a.kw, a.stride);
   const int nthreads = threads_for(rows * a.OW * a.C * T * 4, a.nthreads);
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && rows > 1)
-  for (int64_t row = 0; row < rows; ++row) {
+  parallel_tasks(nthreads, rows, [&](int64_t first, int64_t last) {
+  for (int64_t row = first; row < last; ++row) {
     if (isa == Isa::Avx512Vnni) {
       const int64_t b = row / a.OH, oh = row % a.OH;
       DwRow r;
@@ -618,6 +619,7 @@ void dwconv_int8(const ConvArgs& a) {
       else dw_pixel_scalar(a, e, p, T, m, plain, ldw);
     }
   }
+  });
 }
 
 void quantize_nchw_u8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, float scale, int32_t zp,
@@ -627,8 +629,8 @@ void quantize_nchw_u8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W
   check(scale > 0 && zp >= 0 && zp <= 255, "quantize_nchw_u8: bad scale or zero point");
   const float inv = 1.f / scale, fz = static_cast<float>(zp);
   const int nt = threads_for(B * C * H * W * 64, nthreads);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && B * H > 1)
-  for (int64_t bh = 0; bh < B * H; ++bh) {
+  parallel_tasks(nt, B * H, [&](int64_t first, int64_t last) {
+  for (int64_t bh = first; bh < last; ++bh) {
     const int64_t b = bh / H, h = bh % H;
     uint8_t* o = out + bh * W * ldc;
     for (int64_t c = 0; c < C; ++c) {
@@ -641,6 +643,7 @@ void quantize_nchw_u8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W
     for (int64_t w = 0; w < W; ++w)
       for (int64_t c = C; c < ldc; ++c) o[w * ldc + c] = static_cast<uint8_t>(zp);
   }
+  });
 }
 
 }  // namespace lathe

@@ -1,0 +1,99 @@
+// TaskPool (see task_pool.h).
+#include "cpu/task_pool.h"
+
+#include <immintrin.h>
+#include <omp.h>
+#include <sched.h>
+
+#include <algorithm>
+
+namespace lathe {
+namespace {
+
+thread_local TaskPool* tl_pool = nullptr;
+constexpr int kSpins = 1 << 12;  // pauses before a waiting thread starts yielding its core
+constexpr uint64_t kStop = ~0ULL;
+
+inline void range(int64_t tasks, int64_t n, int64_t k, int64_t* a, int64_t* b) {
+  *a = tasks * k / n, *b = tasks * (k + 1) / n;
+}
+
+template <typename Pred>
+inline void wait_until(Pred done) {
+  for (int s = 0; !done(); ++s) {
+    if (s < kSpins) _mm_pause();
+    else sched_yield();
+  }
+}
+
+}  // namespace
+
+bool TaskPool::work(uint64_t gen) {
+  uint64_t s = claim_.load(std::memory_order_acquire);
+  for (;;) {
+    if ((s >> 32) != (gen & 0xFFFFFFFFu)) return false;
+    const int64_t c = static_cast<int64_t>(s & 0xFFFFFFFFu);
+    if (c >= chunks_) return false;
+    if (!claim_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+    int64_t a, b;
+    range(tasks_, chunks_, c, &a, &b);
+    if (a < b) (*fn_)(a, b);
+    done_.fetch_add(1, std::memory_order_acq_rel);
+    s = claim_.load(std::memory_order_acquire);
+  }
+}
+
+void TaskPool::serve() {
+  uint64_t seen = gen_.load(std::memory_order_acquire);
+  if (seen == kStop) return;  // arrived after the chain finished
+  if (seen != 0) work(seen);
+  for (;;) {
+    uint64_t g;
+    wait_until([&] { return (g = gen_.load(std::memory_order_acquire)) != seen; });
+    if (g == kStop) return;
+    seen = g;
+    work(g);
+  }
+}
+
+void TaskPool::finish() { gen_.store(kStop, std::memory_order_release); }
+
+void TaskPool::run(int64_t tasks, int ways, const std::function<void(int64_t, int64_t)>& fn) {
+  if (ways <= 1 || tasks <= 1) {
+    if (tasks > 0) fn(0, tasks);
+    return;
+  }
+  const int64_t chunks = std::min<int64_t>(tasks, 4 * static_cast<int64_t>(ways));
+  const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
+  tasks_ = tasks, chunks_ = chunks, fn_ = &fn;
+  done_.store(0, std::memory_order_relaxed);
+  claim_.store((g & 0xFFFFFFFFu) << 32, std::memory_order_release);
+  gen_.store(g, std::memory_order_release);
+  work(g);
+  wait_until([&] { return done_.load(std::memory_order_acquire) == chunks; });
+}
+
+TaskPool::Bind::Bind(TaskPool* p) : prev(tl_pool) { tl_pool = p; }
+TaskPool::Bind::~Bind() { tl_pool = prev; }
+
+void parallel_tasks(int nthreads, int64_t tasks, const std::function<void(int64_t, int64_t)>& fn) {
+  if (tasks <= 0) return;
+  if (tl_pool != nullptr) {
+    tl_pool->run(tasks, nthreads, fn);
+    return;
+  }
+  const int n = static_cast<int>(std::min<int64_t>(std::max(1, nthreads), tasks));
+  if (n <= 1) {
+    fn(0, tasks);
+    return;
+  }
+#pragma omp parallel num_threads(n)
+  {
+    const int k = omp_get_thread_num(), m = omp_get_num_threads();
+    int64_t a, b;
+    range(tasks, m, k, &a, &b);
+    if (a < b) fn(a, b);
+  }
+}
+
+}  // namespace lathe
