@@ -252,12 +252,13 @@ class QConvChain:
         return cpu_conv.run_chain(self._cpp_chain(), x.float().contiguous())
 
     def run_modules(self, x: torch.Tensor) -> torch.Tensor:
-        """The units one by one (the reference backend, other devices): same NHWC result."""
+        """The units one by one (the reference backend, other devices): the same results."""
         outs = []
         for m, s, r in self.steps:
             outs.append(m(x if s < 0 else outs[s], residual=None if r < 0 else outs[r]))
         y = outs[-1]
-        return y.q if isinstance(y, QAct) else y.permute(0, 2, 3, 1).contiguous()
+        bad = ~torch.isfinite(x.sum((1, 2, 3)))
+        return (y.q if isinstance(y, QAct) else y.permute(0, 2, 3, 1).contiguous()), bad
 
     def out_shape(self, H: int, W: int):
         from lathe.models.convnet import conv_geometry
@@ -272,9 +273,8 @@ class QConvChain:
     def __call__(self, x: torch.Tensor):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise BadInput(f"int8 conv expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        bad = ~torch.isfinite(x.sum((1, 2, 3)))
+        y, bad = torch.ops.lathe.conv_chain_int8(x, self.key)
         bad = bad if bad.any() else None
-        y = torch.ops.lathe.conv_chain_int8(x, self.key)
         last = self.steps[-1][0]
         if last.out_scale > 0:
             return QAct(y, last.out_channels, last.out_scale, last.out_zp, bad)

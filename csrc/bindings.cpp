@@ -181,9 +181,10 @@ PYBIND11_MODULE(_C, m) {
              return py::make_tuple(v[0], v[1], v[2], v[3] != 0);
            })
       .def("arena_bytes", &lathe::ConvChain::arena_bytes)
-      .def("run", [](lathe::ConvChain& c, uintptr_t x, int64_t B, int64_t H, int64_t W, uintptr_t out, int nthreads) {
+      .def("run", [](lathe::ConvChain& c, uintptr_t x, int64_t B, int64_t H, int64_t W, uintptr_t out, uintptr_t bad,
+                     int nthreads) {
         py::gil_scoped_release nogil;
-        c.run(ptr<const float>(x), B, H, W, ptr<void>(out), nthreads);
+        c.run(ptr<const float>(x), B, H, W, ptr<void>(out), ptr<uint8_t>(bad), nthreads);
       });
 
   m.def(

@@ -132,7 +132,7 @@ def reference(x, C, x_scale, x_zp, w_q, w_scale, bias, depthwise, stride, pad_t,
 # A chain is a sequence of int8 convolutions run as one op (csrc/cpu/conv_chain.h): built once by
 # lathe.compress.qconv.QConvChain, which registers itself here under an integer key (weakly: the
 # model owns it). The op's input is the fp32 NCHW images; its output is the last layer's NHWC
-# result (fp32 [B, OH, OW, N], or u8 [B, OH, OW, N4] codes).
+# result (fp32 [B, OH, OW, N], or u8 [B, OH, OW, N4] codes) and the images that held NaN/Inf.
 import weakref  # noqa: E402
 
 CHAINS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
@@ -146,8 +146,9 @@ def _chain(key: int):
 
 
 @torch.library.custom_op("lathe::conv_chain_int8", mutates_args=())
-def conv_chain_int8(x: torch.Tensor, chain: int) -> torch.Tensor:
-    """x: fp32 images [B, C, H, W] -> the chain's last output, NHWC."""
+def conv_chain_int8(x: torch.Tensor, chain: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: fp32 images [B, C, H, W] -> (the chain's last output, NHWC; bool [B]: the images that
+    held a NaN or Inf, whose outputs mean nothing)."""
     c = _chain(chain)
     if x.dim() != 4 or x.shape[1] != c.in_channels:
         raise BadInput(f"conv_chain_int8: expected images [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
@@ -160,4 +161,5 @@ def conv_chain_int8(x: torch.Tensor, chain: int) -> torch.Tensor:
 def _(x, chain):
     c = _chain(chain)
     OH, OW, ld, u8 = c.out_shape(x.shape[-2], x.shape[-1])
-    return x.new_empty(x.shape[0], OH, OW, ld, dtype=torch.uint8 if u8 else torch.float32)
+    return (x.new_empty(x.shape[0], OH, OW, ld, dtype=torch.uint8 if u8 else torch.float32),
+            x.new_empty(x.shape[0], dtype=torch.bool))

@@ -62,10 +62,11 @@ def chain(in_channels: int, in_scale: float, in_zp: int, layers):
     return c
 
 
-def run_chain(c, x: torch.Tensor) -> torch.Tensor:
-    """x fp32 contiguous NCHW -> the last layer's NHWC output (see conv_chain.h)."""
+def run_chain(c, x: torch.Tensor):
+    """x fp32 contiguous NCHW -> (the last layer's NHWC output, bool [B]: images with NaN/Inf)."""
     B, _, H, W = x.shape
     OH, OW, ld, u8 = c.out_shape(H, W)
     out = torch.empty(B, OH, OW, ld, dtype=torch.uint8 if u8 else torch.float32)
-    c.run(x.data_ptr(), B, H, W, out.data_ptr(), torch.get_num_threads())
-    return out
+    bad = torch.empty(B, dtype=torch.uint8)
+    c.run(x.data_ptr(), B, H, W, out.data_ptr(), bad.data_ptr(), torch.get_num_threads())
+    return out, bad.bool()

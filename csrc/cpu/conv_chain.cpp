@@ -125,7 +125,7 @@ void ConvChain::plan(int64_t B, int64_t H, int64_t W) {
   key_B_ = B, key_H_ = H, key_W_ = W;
 }
 
-void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, int nthreads) {
+void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, uint8_t* bad, int nthreads) {
   check(x && out && !layers_.empty(), "conv chain: null pointer or no layers");
   check(B >= 0 && H > 0 && W > 0, "conv chain: bad image shape");
   if (B == 0) return;
@@ -135,7 +135,7 @@ void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, 
   uint8_t* base = arena_.data() + (64 - reinterpret_cast<uintptr_t>(arena_.data()) % 64) % 64;
   // One OpenMP region for the whole chain: thread 0 runs the layers, the others claim chunks.
   auto body = [&] {
-    quantize_nchw_u8(x, B, in_c_, H, W, in_scale_, in_zp_, base + off_[0], c4(in_c_), nthreads);
+    quantize_nchw_u8(x, B, in_c_, H, W, in_scale_, in_zp_, base + off_[0], c4(in_c_), nthreads, bad);
     const int L = static_cast<int>(layers_.size());
     for (int i = 0; i < L; ++i) {
       const ChainLayer& l = layers_[i];

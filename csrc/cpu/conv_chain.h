@@ -33,8 +33,9 @@ class ConvChain {
   void add(const ChainLayer& l);  // checked against the layers before it
   // (OH, OW, channel stride, is_u8) of the last layer for B images of H x W.
   std::vector<int64_t> out_shape(int64_t H, int64_t W) const;
-  // x: fp32 NCHW [B, in_channels, H, W]; out: the last layer's u8 [B, OH, OW, N4] or fp32 [B, OH, OW, N].
-  void run(const float* x, int64_t B, int64_t H, int64_t W, void* out, int nthreads);
+  // x: fp32 NCHW [B, in_channels, H, W]; out: the last layer's u8 [B, OH, OW, N4] or fp32 [B, OH, OW, N];
+  // bad: u8 [B], 1 for the images that held a NaN or Inf.
+  void run(const float* x, int64_t B, int64_t H, int64_t W, void* out, uint8_t* bad, int nthreads);
   int64_t arena_bytes() const { return static_cast<int64_t>(arena_.size()); }
 
  private:

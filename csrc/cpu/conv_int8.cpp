@@ -196,7 +196,11 @@ LATHE_T512 void conv_tile_vnni(const ConvArgs& a, const Epi& e, const uint8_t* c
       }
       __m512i o = pack_u8(q[0], q[1], q[2], q[3], zp16, lo, hi);
       o = _mm512_permutexvar_epi32(fix, o);
-      _mm512_mask_storeu_epi8(static_cast<uint8_t*>(a.out) + m * a.ldo + n0, smk, o);
+      uint8_t* dst = static_cast<uint8_t*>(a.out) + m * a.ldo + n0;
+      if (cols == 64) _mm512_storeu_si512(dst, o);  // masked stores are slow on some cores
+      else if (cols == 32) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_castsi512_si256(o));
+      else if (cols == 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_castsi512_si128(o));
+      else _mm512_mask_storeu_epi8(dst, smk, o);
     }
   } else {
     const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.f), rs = _mm512_set1_ps(e.rmul);
@@ -397,7 +401,8 @@ LATHE_T512 void dw_block_vnni(const ConvArgs& a, const Epi& e, const DwRow& row,
     for (int o = 0; o < OB; ++o) {
       const __m512i q = pack_u8(requant(acc[o][0], mul[0]), requant(acc[o][1], mul[1]), requant(acc[o][2], mul[2]),
                                 requant(acc[o][3], mul[3]), zp16, lo, hi);
-      _mm512_mask_storeu_epi8(out + (m0 + o) * a.ldo + c0, mk, q);
+      if (mk == ~0ULL) _mm512_storeu_si512(out + (m0 + o) * a.ldo + c0, q);
+      else _mm512_mask_storeu_epi8(out + (m0 + o) * a.ldo + c0, mk, q);
     }
   } else {
     const int64_t left = a.C - c0;
@@ -512,10 +517,14 @@ void conv2d_int8(const ConvArgs& a) {
   const int64_t ngroups = isa == Isa::Avx512Vnni ? ceil_div(NB, 4) : isa == Isa::Avx2 ? ceil_div(a.N, 8) : 1;
   const int64_t mtiles = ceil_div(M, MR), tasks = mtiles * ngroups;
   const int nthreads = threads_for(M * a.N * T * c4(a.C), a.nthreads);
-  // column group outer: its weight panel stays in L1 (K <= 384) while the activation rows stream
+  // The bigger operand is read once: activations bigger than the weights (early layers, large
+  // batches): row tile outer, its rows stay in L1 across the column groups and each output row is
+  // written whole; weights bigger: column group outer, its panel stays in cache while rows stream.
+  const bool rows_outer = M * T * c4(a.C) > T * c4(a.C) * a.N;
   parallel_tasks(nthreads, tasks, [&](int64_t first, int64_t last) {
   for (int64_t task = first; task < last; ++task) {
-    const int64_t g = task / mtiles, m0 = (task % mtiles) * MR;
+    const int64_t g = rows_outer ? task % ngroups : task / mtiles;
+    const int64_t m0 = (rows_outer ? task / ngroups : task % mtiles) * MR;
     const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
     const uint8_t* ptrs[6 * kMaxTaps];
     for (int r = 0; r < mr; ++r) {
@@ -622,27 +631,74 @@ void dwconv_int8(const ConvArgs& a) {
   });
 }
 
+namespace {
+
+// One image row (all channels) of quantize_nchw_u8; returns whether it held a NaN or Inf.
+bool quantize_row_scalar(const float* x, int64_t C, int64_t HW, int64_t W, float inv, int32_t zp, uint8_t* o,
+                         int64_t ldc) {
+  bool bad = false;
+  const float fz = static_cast<float>(zp);
+  for (int64_t c = 0; c < C; ++c) {
+    const float* xr = x + c * HW;
+    for (int64_t w = 0; w < W; ++w) {
+      bad |= !std::isfinite(xr[w]);
+      const float v = std::nearbyint(xr[w] * inv) + fz;
+      o[w * ldc + c] = v == v ? static_cast<uint8_t>(std::min(255.f, std::max(0.f, v))) : static_cast<uint8_t>(zp);
+    }
+  }
+  for (int64_t w = 0; w < W; ++w)
+    for (int64_t c = C; c < ldc; ++c) o[w * ldc + c] = static_cast<uint8_t>(zp);
+  return bad;
+}
+
+// ldc == 4 (images: C <= 4): 16 pixels at a time, 4 channel codes packed into each dword.
+LATHE_T512 bool quantize_row_avx512(const float* x, int64_t C, int64_t HW, int64_t W, float inv, int32_t zp,
+                                    uint8_t* o) {
+  const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-1024.f), hi = _mm512_set1_ps(1024.f);
+  const __m512i vzp = _mm512_set1_epi32(zp), z = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
+  __mmask16 bad = 0;
+  int64_t w = 0;
+  for (; w < W; w += 16) {
+    const __mmask16 mk = W - w >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (W - w)) - 1);
+    __m512i word = _mm512_setzero_si512();
+    for (int64_t c = 0; c < 4; ++c) {
+      __m512i q = vzp;
+      if (c < C) {
+        const __m512 v = _mm512_maskz_loadu_ps(mk, x + c * HW + w);
+        // |x| = inf: x - x is NaN; a NaN code becomes zp (the caller marks the image)
+        bad |= _mm512_mask_cmp_ps_mask(mk, _mm512_sub_ps(v, v), _mm512_sub_ps(v, v), _CMP_UNORD_Q);
+        const __m512 t = _mm512_mul_ps(v, vinv);
+        const __mmask16 nan = _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q);
+        const __m512i r = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(t, lo), hi));  // half even
+        q = _mm512_mask_mov_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, vzp), z), top), nan, vzp);
+      }
+      word = _mm512_or_si512(word, _mm512_slli_epi32(q, static_cast<unsigned>(8 * c)));
+    }
+    _mm512_mask_storeu_epi32(o + w * 4, mk, word);
+  }
+  return bad != 0;
+}
+
+}  // namespace
+
 void quantize_nchw_u8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, float scale, int32_t zp,
-                      uint8_t* out, int64_t ldc, int nthreads) {
+                      uint8_t* out, int64_t ldc, int nthreads, uint8_t* bad) {
   check(x && out, "quantize_nchw_u8: null pointer");
   check(B >= 0 && C > 0 && H > 0 && W > 0 && ldc >= C, "quantize_nchw_u8: bad shape");
   check(scale > 0 && zp >= 0 && zp <= 255, "quantize_nchw_u8: bad scale or zero point");
-  const float inv = 1.f / scale, fz = static_cast<float>(zp);
-  const int nt = threads_for(B * C * H * W * 64, nthreads);
+  const float inv = 1.f / scale;
+  if (bad) std::memset(bad, 0, B);
+  const bool vec = ldc == 4 && active_isa() == Isa::Avx512Vnni;
+  const int nt = threads_for(B * C * H * W * 16, nthreads);
   parallel_tasks(nt, B * H, [&](int64_t first, int64_t last) {
-  for (int64_t bh = first; bh < last; ++bh) {
-    const int64_t b = bh / H, h = bh % H;
-    uint8_t* o = out + bh * W * ldc;
-    for (int64_t c = 0; c < C; ++c) {
-      const float* xr = x + ((b * C + c) * H + h) * W;
-      for (int64_t w = 0; w < W; ++w) {
-        const float v = std::nearbyint(xr[w] * inv) + fz;
-        o[w * ldc + c] = v == v ? static_cast<uint8_t>(std::min(255.f, std::max(0.f, v))) : static_cast<uint8_t>(zp);
-      }
+    for (int64_t bh = first; bh < last; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* xr = x + (b * C * H + h) * W;
+      uint8_t* o = out + bh * W * ldc;
+      const bool nf = vec ? quantize_row_avx512(xr, C, H * W, W, inv, zp, o)
+                          : quantize_row_scalar(xr, C, H * W, W, inv, zp, o, ldc);
+      if (nf && bad) __atomic_store_n(bad + b, static_cast<uint8_t>(1), __ATOMIC_RELAXED);
     }
-    for (int64_t w = 0; w < W; ++w)
-      for (int64_t c = C; c < ldc; ++c) o[w * ldc + c] = static_cast<uint8_t>(zp);
-  }
   });
 }
 

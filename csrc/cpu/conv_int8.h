@@ -57,9 +57,9 @@ int64_t dwconv_int8_packed_bytes(int64_t C, int64_t kh, int64_t kw);
 void dwconv_int8_pack(const int8_t* w, int64_t C, int64_t kh, int64_t kw, int8_t* packed, int32_t* wsum);
 void dwconv_int8(const ConvArgs& a);
 
-// fp32 NCHW images -> u8 NHWC codes [B, H, W, ldc] in one pass (q = clamp(round(x / scale) + zp);
-// NaN -> zp, the caller marks those images); channels C..ldc get zp.
+// fp32 NCHW images -> u8 NHWC codes [B, H, W, ldc] in one pass (q = clamp(round(x * (1 / scale)) + zp);
+// NaN -> zp); channels C..ldc get zp. bad (optional, u8 [B]): 1 for the images holding a NaN or Inf.
 void quantize_nchw_u8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, float scale, int32_t zp,
-                      uint8_t* out, int64_t ldc, int nthreads);
+                      uint8_t* out, int64_t ldc, int nthreads, uint8_t* bad = nullptr);
 
 }  // namespace lathe
