@@ -1,7 +1,7 @@
 // ConvChain (see conv_chain.h).
 #include "cpu/conv_chain.h"
 
-#include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <exception>
@@ -133,7 +133,7 @@ void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, 
   plan(B, H, W);
   nthreads = std::max(1, nthreads);
   uint8_t* base = arena_.data() + (64 - reinterpret_cast<uintptr_t>(arena_.data()) % 64) % 64;
-  // One OpenMP region for the whole chain: thread 0 runs the layers, the others claim chunks.
+  // The calling thread runs the layers; the pool's workers claim chunks of each layer's loop.
   auto body = [&] {
     quantize_nchw_u8(x, B, in_c_, H, W, in_scale_, in_zp_, base + off_[0], c4(in_c_), nthreads, bad);
     const int L = static_cast<int>(layers_.size());
@@ -164,23 +164,13 @@ void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, 
     body();
     return;
   }
-  TaskPool pool;
-  std::exception_ptr err;
-#pragma omp parallel num_threads(nthreads)
-  {
-    if (omp_get_thread_num() == 0) {
-      try {
-        TaskPool::Bind bind(&pool);
-        body();
-      } catch (...) {
-        err = std::current_exception();
-      }
-      pool.finish();
-    } else {
-      pool.serve();
-    }
+  if (!pool_ || pool_->workers() != nthreads - 1 || pool_pid_ != getpid()) {
+    if (pool_pid_ != getpid()) (void)pool_.release();  // a forked child: the parent's workers are not here
+    pool_ = std::make_unique<TaskPool>(nthreads - 1);
+    pool_pid_ = getpid();
   }
-  if (err) std::rethrow_exception(err);
+  TaskPool::Bind bind(pool_.get());
+  body();
 }
 
 }  // namespace lathe

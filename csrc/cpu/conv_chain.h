@@ -5,10 +5,12 @@
 // when the batch or image size grows): no per-layer allocation, page faults or Python.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <vector>
 
 #include "cpu/conv_int8.h"
+#include "cpu/task_pool.h"
 
 namespace lathe {
 
@@ -54,6 +56,8 @@ class ConvChain {
   std::vector<Geo> geo_;
   std::vector<int64_t> off_;  // arena offset of the images' codes (0) and of each layer's output (1..)
   std::vector<uint8_t> arena_;
+  std::unique_ptr<TaskPool> pool_;  // nthreads - 1 workers (made again for a new count or after a fork)
+  int64_t pool_pid_ = -1;
 };
 
 }  // namespace lathe

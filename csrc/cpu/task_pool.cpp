@@ -11,7 +11,7 @@ namespace lathe {
 namespace {
 
 thread_local TaskPool* tl_pool = nullptr;
-constexpr int kSpins = 1 << 12;  // pauses before a waiting thread starts yielding its core
+constexpr int kSpins = 1 << 10;  // pauses before a waiting thread yields its core (a few us)
 constexpr uint64_t kStop = ~0ULL;
 
 inline void range(int64_t tasks, int64_t n, int64_t k, int64_t* a, int64_t* b) {
@@ -43,20 +43,37 @@ bool TaskPool::work(uint64_t gen) {
   }
 }
 
+TaskPool::TaskPool(int workers) {
+  for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { serve(); });
+}
+
+TaskPool::~TaskPool() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    gen_.store(kStop, std::memory_order_release);
+  }
+  wake_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
 void TaskPool::serve() {
-  uint64_t seen = gen_.load(std::memory_order_acquire);
-  if (seen == kStop) return;  // arrived after the chain finished
-  if (seen != 0) work(seen);
+  uint64_t seen = 0;
   for (;;) {
-    uint64_t g;
-    wait_until([&] { return (g = gen_.load(std::memory_order_acquire)) != seen; });
+    uint64_t g = gen_.load(std::memory_order_acquire);
+    for (int s = 0; g == seen && s < kSpins; ++s) {
+      _mm_pause();
+      g = gen_.load(std::memory_order_acquire);
+    }
+    if (g == seen) {
+      std::unique_lock<std::mutex> lk(mu_);
+      wake_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+      g = gen_.load(std::memory_order_acquire);
+    }
     if (g == kStop) return;
     seen = g;
     work(g);
   }
 }
-
-void TaskPool::finish() { gen_.store(kStop, std::memory_order_release); }
 
 void TaskPool::run(int64_t tasks, int ways, const std::function<void(int64_t, int64_t)>& fn) {
   if (ways <= 1 || tasks <= 1) {
@@ -68,7 +85,11 @@ void TaskPool::run(int64_t tasks, int ways, const std::function<void(int64_t, in
   tasks_ = tasks, chunks_ = chunks, fn_ = &fn;
   done_.store(0, std::memory_order_relaxed);
   claim_.store((g & 0xFFFFFFFFu) << 32, std::memory_order_release);
-  gen_.store(g, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lk(mu_);  // a worker about to sleep sees the new job under the lock
+    gen_.store(g, std::memory_order_release);
+  }
+  wake_.notify_all();
   work(g);
   wait_until([&] { return done_.load(std::memory_order_acquire) == chunks; });
 }
