@@ -7,7 +7,6 @@ codes + scale + zero point) when it has output quantization parameters, and acce
 an fp32 NCHW tensor (quantized on entry with the calibrated input parameters)."""
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +186,35 @@ class QConv2dInt8(nn.Module):
             y = y.masked_fill(bad[:, None, None, None], float("nan"))
         return y
 
+    # lathe.kernels.conv_chain runs a model's units in one op through these three
+    def chain_ready(self) -> bool:
+        """False while an ONNX export traces the units one by one."""
+        return GRAPH_HOOK is None
+
+    def chain_layer(self) -> dict | None:
+        """This unit as a layer of lathe's int8 conv chain; None while an ONNX export traces."""
+        if not self.chain_ready():
+            return None
+        if self._packed is None or self._wsum is None:
+            from lathe.kernels import cpu_conv
+            self._packed, self._wsum = cpu_conv.pack(self.weight, self.depthwise)
+        return {"depthwise": self.depthwise, "C": self.in_channels, "N": self.out_channels,
+                "k": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "packed": self._packed, "wsum": self._wsum, "w_scale": self.weight_scale, "bias": self.bias,
+                "act": self.act, "in_scale": self.in_scale, "in_zp": self.in_zp, "out_scale": self.out_scale,
+                "out_zp": self.out_zp, "out_hw": self._out_hw}
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        from lathe.models.convnet import conv_geometry
+        return conv_geometry(h, w, self.kernel_size, self.stride, self.padding)[2:]
+
+    def wrap_output(self, y: torch.Tensor, bad: torch.Tensor | None):
+        """The chain's NHWC result as this unit's forward returns it."""
+        if self.out_scale > 0:
+            return QAct(y, self.out_channels, self.out_scale, self.out_zp, bad)
+        y = y.permute(0, 3, 1, 2)  # NCHW view of the NHWC result (channels_last memory)
+        return y if bad is None else y.masked_fill(bad[:, None, None, None], float("nan"))
+
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, s={self.stride}, "
                 f"groups={self.groups}, act={self.act}, out={'u8' if self.out_scale > 0 else 'fp32'}")
@@ -194,108 +222,3 @@ class QConv2dInt8(nn.Module):
 
 register_module(QConv2dInt8)
 
-
-class QConvChain:
-    """QConv2dInt8 units that run as one op, torch.ops.lathe.conv_chain_int8: on the CPU one C++
-    call quantizes the images and runs every layer on a persistent activation arena (no
-    per-layer dispatch, allocation or page faults); elsewhere the units run one by one.
-    steps: [(unit, producer, residual)] in execution order, producer/residual as indices into
-    steps (-1: the images / no residual). Built by int8_chain from a model adapter's steps."""
-
-    def __init__(self, steps):
-        from lathe.kernels import conv_ops
-
-        self.steps = [(m, int(s), int(r)) for m, s, r in steps]
-        for i, (m, s, r) in enumerate(self.steps):
-            if not isinstance(m, QConv2dInt8):
-                raise BadInput(f"int8 chain step {i} is {type(m).__name__}, not an int8 conv")
-            if not -1 <= s < i or not -1 <= r < i:
-                raise BadInput(f"int8 chain step {i}: its inputs must come before it")
-            if i + 1 < len(self.steps) and m.out_scale <= 0:
-                raise BadInput(f"int8 chain step {i} has an fp32 output: only the last may")
-        first = self.steps[0][0]
-        self.in_channels, self.in_scale, self.in_zp = first.in_channels, first.in_scale, first.in_zp
-        if any(s < 0 and (m.in_scale, m.in_zp) != (self.in_scale, self.in_zp) for m, s, _ in self.steps):
-            raise BadInput("int8 chain: the units reading the images disagree on their quantization")
-        self.key = id(self)
-        conv_ops.CHAINS[self.key] = self
-        self._cpp, self._packs = None, ()
-
-    def modules(self):
-        return [m for m, _, _ in self.steps]
-
-    def _cpp_chain(self):
-        from lathe.kernels import cpu_conv
-
-        mods = self.modules()
-        for m in mods:
-            if m._packed is None or m._wsum is None:
-                m._packed, m._wsum = cpu_conv.pack(m.weight, m.depthwise)
-        packs = tuple(m._packed for m in mods)
-        if self._cpp is None or any(a is not b for a, b in zip(packs, self._packs)):
-            layers = []
-            for m, s, r in self.steps:
-                if m.padding != "same" and not isinstance(m.padding, int):
-                    raise BadInput(f"int8 chain: padding {m.padding!r} is not supported")
-                layers.append({"depthwise": m.depthwise, "C": m.in_channels, "N": m.out_channels,
-                               "kh": m.kernel_size, "kw": m.kernel_size, "stride": m.stride,
-                               "pad": -1 if m.padding == "same" else int(m.padding), "packed": m._packed,
-                               "wsum": m._wsum, "w_scale": m.weight_scale, "bias": m.bias, "src": s, "res": r,
-                               "act": m.act, "out_scale": m.out_scale, "out_zp": m.out_zp})
-            self._keep = [(m._packed, m._wsum, m.weight_scale, m.bias) for m in mods]  # what C++ points at
-            self._cpp = cpu_conv.chain(self.in_channels, self.in_scale, self.in_zp, layers)
-            self._packs = packs
-        return self._cpp
-
-    def run_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        from lathe.kernels import cpu_conv
-        return cpu_conv.run_chain(self._cpp_chain(), x.float().contiguous())
-
-    def run_modules(self, x: torch.Tensor) -> torch.Tensor:
-        """The units one by one (the reference backend, other devices): the same results."""
-        outs = []
-        for m, s, r in self.steps:
-            outs.append(m(x if s < 0 else outs[s], residual=None if r < 0 else outs[r]))
-        y = outs[-1]
-        bad = ~torch.isfinite(x.sum((1, 2, 3)))
-        return (y.q if isinstance(y, QAct) else y.permute(0, 2, 3, 1).contiguous()), bad
-
-    def out_shape(self, H: int, W: int):
-        from lathe.models.convnet import conv_geometry
-        hw = []
-        for m, s, _ in self.steps:
-            h, w = (H, W) if s < 0 else hw[s]
-            hw.append(conv_geometry(h, w, m.kernel_size, m.stride, m.padding)[2:])
-        last = self.steps[-1][0]
-        u8 = last.out_scale > 0
-        return (*hw[-1], -(-last.out_channels // 4) * 4 if u8 else last.out_channels, u8)
-
-    def __call__(self, x: torch.Tensor):
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise BadInput(f"int8 conv expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        y, bad = torch.ops.lathe.conv_chain_int8(x, self.key)
-        bad = bad if bad.any() else None
-        last = self.steps[-1][0]
-        if last.out_scale > 0:
-            return QAct(y, last.out_channels, last.out_scale, last.out_zp, bad)
-        y = y.permute(0, 3, 1, 2)  # NCHW view of the NHWC result (channels_last memory)
-        return y if bad is None else y.masked_fill(bad[:, None, None, None], float("nan"))
-
-
-_CHAINS = weakref.WeakKeyDictionary()  # model -> its QConvChain (outside the module: deepcopy/pickle never see it)
-
-
-def int8_chain(owner: nn.Module, steps_fn) -> QConvChain | None:
-    """owner's QConvChain over steps_fn() (see QConvChain), built once; None where the units must
-    run one by one: any step is not an int8 conv (not quantized yet) or an ONNX export is tracing."""
-    if GRAPH_HOOK is not None:
-        return None
-    steps = steps_fn()
-    if not steps or not all(isinstance(m, QConv2dInt8) for m, _, _ in steps):
-        return None
-    c = _CHAINS.get(owner)
-    if c is None or len(c.steps) != len(steps) or any(
-            a[0] is not b[0] or a[1:] != tuple(b[1:]) for a, b in zip(c.steps, steps)):
-        c = QConvChain(steps)
-        _CHAINS[owner] = c
-    return c

@@ -127,39 +127,3 @@ def reference(x, C, x_scale, x_zp, w_q, w_scale, bias, depthwise, stride, pad_t,
     return epilogue(acc, x_scale, w_scale, bias, residual, res_scale, res_zp, act, out_scale, out_zp,
                     w_q.shape[0])
 
-
-# ----------------------------------------------------------------------------- chains
-# A chain is a sequence of int8 convolutions run as one op (csrc/cpu/conv_chain.h): built once by
-# lathe.compress.qconv.QConvChain, which registers itself here under an integer key (weakly: the
-# model owns it). The op's input is the fp32 NCHW images; its output is the last layer's NHWC
-# result (fp32 [B, OH, OW, N], or u8 [B, OH, OW, N4] codes) and the images that held NaN/Inf.
-import weakref  # noqa: E402
-
-CHAINS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
-
-
-def _chain(key: int):
-    c = CHAINS.get(key)
-    if c is None:
-        raise BadInput(f"conv_chain_int8: no chain {key} (its model was freed)")
-    return c
-
-
-@torch.library.custom_op("lathe::conv_chain_int8", mutates_args=())
-def conv_chain_int8(x: torch.Tensor, chain: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: fp32 images [B, C, H, W] -> (the chain's last output, NHWC; bool [B]: the images that
-    held a NaN or Inf, whose outputs mean nothing)."""
-    c = _chain(chain)
-    if x.dim() != 4 or x.shape[1] != c.in_channels:
-        raise BadInput(f"conv_chain_int8: expected images [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
-    if backend_for("conv2d_int8", x.device) == "cpu":
-        return c.run_cpu(x)
-    return c.run_modules(x)
-
-
-@conv_chain_int8.register_fake
-def _(x, chain):
-    c = _chain(chain)
-    OH, OW, ld, u8 = c.out_shape(x.shape[-2], x.shape[-1])
-    return (x.new_empty(x.shape[0], OH, OW, ld, dtype=torch.uint8 if u8 else torch.float32),
-            x.new_empty(x.shape[0], dtype=torch.bool))

@@ -46,7 +46,7 @@ def _reference(m, x):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_chain_matches_units_on_the_reference(qmodel, isa, threads):
-    from lathe.compress import qconv
+    from lathe.kernels import conv_chain as qconv
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -54,7 +54,7 @@ def test_chain_matches_units_on_the_reference(qmodel, isa, threads):
             for B, H, W in [(3, 64, 64), (1, 67, 45), (2, 33, 40), (3, 64, 64)]:  # re-plans the arena
                 x = _x(B, H, W, seed=B * H)
                 got = qmodel(x)
-                assert qconv._CHAINS.get(qmodel) is not None  # the chain ran, not the units
+                assert qconv._OWNED.get(qmodel) is not None  # the chain ran, not the units
                 assert torch.equal(got, _reference(qmodel, x)), (B, H, W)
     finally:
         torch.set_num_threads(old)
@@ -62,6 +62,7 @@ def test_chain_matches_units_on_the_reference(qmodel, isa, threads):
 
 def test_nan_image_and_new_packing(qmodel):
     from lathe.compress.qconv import QConv2dInt8
+    from lathe.kernels import conv_chain
     x = _x(3, 64, 64, seed=7)
     x[1, 2, 10, 10] = float("nan")
     x[2, 0, 0, 0] = float("inf")
@@ -71,14 +72,16 @@ def test_nan_image_and_new_packing(qmodel):
         for m in qmodel.modules():  # packed again (new tensors): the chain must follow
             if isinstance(m, QConv2dInt8):
                 m.prepare()
+        before = conv_chain._OWNED.get(qmodel)
         assert torch.equal(qmodel(x)[0], _reference(qmodel, x)[0])
+        assert conv_chain._OWNED.get(qmodel) is not before  # built again over the new packing
 
 
 def test_fake_shapes_and_bad_chains(qmodel):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lathe.compress import qconv
-    c = qconv._CHAINS.get(qmodel) or qconv.int8_chain(qmodel, qmodel.int8_steps)
+    from lathe.kernels import conv_chain as qconv
+    c = qconv._OWNED.get(qmodel) or qconv.int8_chain(qmodel, qmodel.int8_steps)
     x = _x(2, 65, 64)
     with torch.inference_mode():
         y, bad = torch.ops.lathe.conv_chain_int8(x, c.key)
@@ -87,9 +90,9 @@ def test_fake_shapes_and_bad_chains(qmodel):
     assert fy.shape == y.shape and fy.dtype == y.dtype and fbad.shape == bad.shape
     steps = qmodel.int8_steps()
     with pytest.raises(BadInput, match="fp32 output"):
-        qconv.QConvChain([(steps[-1][0], -1, -1), (steps[1][0], 0, -1)])
+        qconv.ConvChain([(steps[-1][0], -1, -1), (steps[1][0], 0, -1)])
     with pytest.raises(BadInput, match="come before"):
-        qconv.QConvChain([(steps[0][0], 0, -1)])
+        qconv.ConvChain([(steps[0][0], 0, -1)])
     with pytest.raises(BadInput, match="expected images|expects"):
         c(torch.randn(1, 4, 64, 64))
 
@@ -97,7 +100,7 @@ def test_fake_shapes_and_bad_chains(qmodel):
 def test_unquantized_model_runs_the_float_path():
     from test_efficientnet import _tiny
 
-    from lathe.compress import qconv
+    from lathe.kernels import conv_chain as qconv
     m = _tiny()
     assert qconv.int8_chain(m, m.int8_steps) is None
     assert m(_x(1, 64, 64)).shape == (1, 10)

@@ -100,7 +100,7 @@ class EfficientNetLite(nn.Module):
 
     def features(self, x):
         check_images(x, self.cfg.image_size)
-        from lathe.compress.qconv import int8_chain
+        from lathe.kernels.conv_chain import int8_chain
         chain = int8_chain(self, self.int8_steps)  # quantized: every conv in one op
         if chain is not None:
             return chain(x)
