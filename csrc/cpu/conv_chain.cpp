@@ -170,7 +170,13 @@ void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, 
     pool_pid_ = getpid();
   }
   TaskPool::Bind bind(pool_.get());
-  body();
+  try {
+    body();
+  } catch (...) {
+    pool_->park();
+    throw;
+  }
+  pool_->park();
 }
 
 }  // namespace lathe

@@ -11,7 +11,7 @@ namespace lathe {
 namespace {
 
 thread_local TaskPool* tl_pool = nullptr;
-constexpr int kSpins = 1 << 10;  // pauses before a waiting thread yields its core (a few us)
+constexpr int kSpins = 1 << 13;  // pauses before a waiting thread yields its core (tens of us: a layer gap)
 constexpr uint64_t kStop = ~0ULL;
 
 inline void range(int64_t tasks, int64_t n, int64_t k, int64_t* a, int64_t* b) {
@@ -60,7 +60,7 @@ void TaskPool::serve() {
   uint64_t seen = 0;
   for (;;) {
     uint64_t g = gen_.load(std::memory_order_acquire);
-    for (int s = 0; g == seen && s < kSpins; ++s) {
+    for (int s = 0; g == seen && s < kSpins && !parked_.load(std::memory_order_relaxed); ++s) {
       _mm_pause();
       g = gen_.load(std::memory_order_acquire);
     }
@@ -85,6 +85,7 @@ void TaskPool::run(int64_t tasks, int ways, const std::function<void(int64_t, in
   tasks_ = tasks, chunks_ = chunks, fn_ = &fn;
   done_.store(0, std::memory_order_relaxed);
   claim_.store((g & 0xFFFFFFFFu) << 32, std::memory_order_release);
+  parked_.store(false, std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> lk(mu_);  // a worker about to sleep sees the new job under the lock
     gen_.store(g, std::memory_order_release);

@@ -24,6 +24,9 @@ class TaskPool {
   int workers() const { return static_cast<int>(threads_.size()); }
   // fn(first, last) over contiguous chunks of [0, tasks); `ways`: the chunk count is 4 x ways.
   void run(int64_t tasks, int ways, const std::function<void(int64_t, int64_t)>& fn);
+  // The chain is done: idle workers sleep at once instead of spinning (the cores go to whoever
+  // runs next, e.g. torch's own threads). The next run() wakes them.
+  void park() { parked_.store(true, std::memory_order_release); }
 
   struct Bind {  // routes parallel_tasks() on this thread to the pool while alive
     explicit Bind(TaskPool* p);
@@ -40,6 +43,7 @@ class TaskPool {
   std::atomic<uint64_t> gen_{0};    // job generation; kStop when the pool closes
   std::atomic<uint64_t> claim_{0};  // gen << 32 | next chunk: a late thread cannot claim a newer job's chunk
   std::atomic<int64_t> done_{0};    // chunks finished in the current job
+  std::atomic<bool> parked_{false};
   int64_t tasks_ = 0, chunks_ = 0;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
 };
