@@ -244,6 +244,23 @@ ConvTile vnni_tile(int mr, int nv) {
   }
 }
 
+// 1x1 stride-1 rows [m0, m1) x NV column blocks from nb0: the row pointers move with the tile
+// (no per-tile dispatch, pointer tables or divisions: small-K layers are short per tile).
+template <int NV>
+LATHE_T512 void conv_rows_vnni(const ConvArgs& a, const Epi& e, int64_t CB, int64_t m0, int64_t m1, int64_t nb0) {
+  const uint8_t* ptrs[6];
+  int64_t m = m0;
+  for (; m + 6 <= m1; m += 6) {
+    for (int r = 0; r < 6; ++r) ptrs[r] = a.x + (m + r) * a.ldc;
+    conv_tile_vnni<6, NV>(a, e, ptrs, 1, CB, m, nb0);
+  }
+  if (m < m1) {
+    const int mr = static_cast<int>(m1 - m);
+    for (int r = 0; r < mr; ++r) ptrs[r] = a.x + (m + r) * a.ldc;
+    vnni_tile(mr, NV)(a, e, ptrs, 1, CB, m, nb0);
+  }
+}
+
 // ---------------------------------------------------------------- dense: AVX2 (8 columns)
 template <int MR>
 LATHE_T256 void conv_tile_avx2(const ConvArgs& a, const Epi& e, const uint8_t* const* ptrs, int64_t T,
@@ -521,6 +538,24 @@ void conv2d_int8(const ConvArgs& a) {
   // batches): row tile outer, its rows stay in L1 across the column groups and each output row is
   // written whole; weights bigger: column group outer, its panel stays in cache while rows stream.
   const bool rows_outer = M * T * c4(a.C) > T * c4(a.C) * a.N;
+  if (isa == Isa::Avx512Vnni && direct) {
+    constexpr int64_t kRows = 48;  // rows per task: 8 tiles
+    const int64_t mblocks = ceil_div(M, kRows);
+    parallel_tasks(nthreads, rows_outer ? mblocks : mblocks * ngroups, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t mb = rows_outer ? t : t % mblocks;
+        const int64_t g0 = rows_outer ? 0 : t / mblocks, g1 = rows_outer ? ngroups : g0 + 1;
+        const int64_t m0 = mb * kRows, m1 = std::min(M, m0 + kRows);
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t nv = std::min<int64_t>(4, NB - g * 4);
+          auto* fn = nv == 4 ? conv_rows_vnni<4> : nv == 3 ? conv_rows_vnni<3> : nv == 2 ? conv_rows_vnni<2>
+                                                                                        : conv_rows_vnni<1>;
+          fn(a, e, CB, m0, m1, g * 4);
+        }
+      }
+    });
+    return;
+  }
   parallel_tasks(nthreads, tasks, [&](int64_t first, int64_t last) {
   for (int64_t task = first; task < last; ++task) {
     const int64_t g = rows_outer ? task % ngroups : task / mtiles;
