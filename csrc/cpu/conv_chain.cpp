@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 #include <string>
 
@@ -164,12 +165,23 @@ void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, 
     body();
     return;
   }
+  // More runnable threads than cores (a shared machine): a worker preempted in the middle of its
+  // chunk stalls the whole layer. When the waits for workers ate a quarter of a run, the next
+  // runs go on one thread, then the workers are tried again.
+  if (solo_runs_ > 0) {
+    --solo_runs_;
+    nthreads = 1;
+    body();
+    return;
+  }
   if (!pool_ || pool_->workers() != nthreads - 1 || pool_pid_ != getpid()) {
     if (pool_pid_ != getpid()) (void)pool_.release();  // a forked child: the parent's workers are not here
     pool_ = std::make_unique<TaskPool>(nthreads - 1);
     pool_pid_ = getpid();
   }
   TaskPool::Bind bind(pool_.get());
+  pool_->take_wait_ns();
+  const auto t0 = std::chrono::steady_clock::now();
   try {
     body();
   } catch (...) {
@@ -177,6 +189,9 @@ void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, 
     throw;
   }
   pool_->park();
+  const int64_t total =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  if (pool_->take_wait_ns() * 4 > total) solo_runs_ = 8;
 }
 
 }  // namespace lathe

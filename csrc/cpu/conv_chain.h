@@ -58,6 +58,7 @@ class ConvChain {
   std::vector<uint8_t> arena_;
   std::unique_ptr<TaskPool> pool_;  // nthreads - 1 workers (made again for a new count or after a fork)
   int64_t pool_pid_ = -1;
+  int solo_runs_ = 0;  // runs left on one thread after the workers stalled the last parallel one
 };
 
 }  // namespace lathe

@@ -6,6 +6,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <chrono>
 
 namespace lathe {
 namespace {
@@ -92,7 +93,12 @@ void TaskPool::run(int64_t tasks, int ways, const std::function<void(int64_t, in
   }
   wake_.notify_all();
   work(g);
-  wait_until([&] { return done_.load(std::memory_order_acquire) == chunks; });
+  if (done_.load(std::memory_order_acquire) != chunks) {  // a worker's chunk is still running
+    const auto t0 = std::chrono::steady_clock::now();
+    wait_until([&] { return done_.load(std::memory_order_acquire) == chunks; });
+    wait_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
+                           .count());
+  }
 }
 
 TaskPool::Bind::Bind(TaskPool* p) : prev(tl_pool) { tl_pool = p; }

@@ -27,6 +27,8 @@ class TaskPool {
   // The chain is done: idle workers sleep at once instead of spinning (the cores go to whoever
   // runs next, e.g. torch's own threads). The next run() wakes them.
   void park() { parked_.store(true, std::memory_order_release); }
+  // Nanoseconds the caller spent waiting for workers' chunks since the last call (then reset).
+  int64_t take_wait_ns() { return wait_ns_.exchange(0); }
 
   struct Bind {  // routes parallel_tasks() on this thread to the pool while alive
     explicit Bind(TaskPool* p);
@@ -44,6 +46,7 @@ class TaskPool {
   std::atomic<uint64_t> claim_{0};  // gen << 32 | next chunk: a late thread cannot claim a newer job's chunk
   std::atomic<int64_t> done_{0};    // chunks finished in the current job
   std::atomic<bool> parked_{false};
+  std::atomic<int64_t> wait_ns_{0};
   int64_t tasks_ = 0, chunks_ = 0;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
 };
