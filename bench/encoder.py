@@ -29,14 +29,15 @@ def measure(spec, model_dir, batches, seq, min_runs, min_seconds, max_seconds, t
             on_step=None) -> tuple[list, torch.Tensor]:
     """Build one backend and measure it: (result rows, sentence embeddings)."""
     from lathe.bench.backends import make
-    from lathe.text import Tokenizer, eval_sentences
+    from lathe.models import tokenizer
+    from lathe.text import eval_sentences
 
     torch.set_num_threads(threads)
     gpu = spec.device.startswith("cuda")
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     b = make(spec)
-    tok = Tokenizer(model_dir)
+    tok = tokenizer(model_dir)
     sents = eval_sentences()
     emb = embeddings(b.run, tok, sents)
     rows = []

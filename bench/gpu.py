@@ -194,13 +194,14 @@ def run_encoder(target, device="cuda", batch: int = 64, seq: int = 128, dtype=to
     from lathe.bench.machine import describe
     from lathe.models.bert import mean_pool
     from lathe.source import open_source
-    from lathe.text import Tokenizer, eval_sentences
+    from lathe.models import tokenizer
+    from lathe.text import eval_sentences
 
     dev = require_cuda(device) if str(device).startswith("cuda") else torch.device(device)
     tgt = open_source(target)
     src = open_source(tgt.manifest["source"]["path"]) if tgt.is_compressed else tgt
     sents = eval_sentences()
-    x = {k: v.to(dev) for k, v in Tokenizer(src.path)((sents * (batch // len(sents) + 1))[:batch], seq).items()}
+    x = {k: v.to(dev) for k, v in tokenizer(src.path)((sents * (batch // len(sents) + 1))[:batch], seq).items()}
     with torch.no_grad():
         ref = BertModel.from_pretrained(src.path).eval().to(dev)
         truth = mean_pool(ref(**x).last_hidden_state.float(), x["attention_mask"])

@@ -13,12 +13,12 @@ def paired(a_dir, b_dir, batch: int = 8, seq: int = 128, pairs: int = 40, warmup
     import torch
 
     from lathe.compress.checkpoint import load
-    from lathe import text
+    from lathe import models, text
     from lathe.bench.timing import paired as alternate
     from lathe.source import open_source
 
     a, b = load(a_dir), load(b_dir)
-    tok = text.Tokenizer(open_source(a_dir).path)
+    tok = models.tokenizer(open_source(a_dir).path)
     x = tok(text.eval_sentences()[:batch], seq_len=seq)
 
     fa, fb = (lambda: a(**x)), (lambda: b(**x))

@@ -34,12 +34,12 @@ def tradeoff(original, pruned: list, pairs: int = 30) -> dict:
     import torch
 
     from lathe.compress.checkpoint import load
-    from lathe import text
+    from lathe import models, text
     from lathe.bench.paired import paired
     from lathe.bench.quality import cosine_stats, embeddings
     from lathe.source import weights_bytes
 
-    tok = text.Tokenizer(original)
+    tok = models.tokenizer(original)
     sents = text.eval_sentences()
     with torch.inference_mode():
         orig = load(original)

@@ -29,12 +29,12 @@ def decoder_dir() -> Path:
 
 def _scorer(src: Path, kind: str):
     from lathe.compress.checkpoint import load
-    from lathe import text
+    from lathe import models, text
 
     if kind == "encoder":
         from lathe.bench.quality import cosine_stats, embeddings
 
-        tok, sents = text.Tokenizer(src), text.eval_sentences()
+        tok, sents = models.tokenizer(src), text.eval_sentences()
         ref = embeddings(lambda b, m=load(src): m(**b), tok, sents)
         return lambda m: cosine_stats(ref, embeddings(lambda b: m(**b), tok, sents))
     from lathe.bench.perplexity import heldout_texts, perplexity

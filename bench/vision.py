@@ -39,16 +39,10 @@ def _ort_static(fp32_onnx: Path, out: Path, calib: torch.Tensor) -> Path:
 
 
 def _session(path):
-    """onnxruntime CPU session whose threads do not spin-wait between runs: interleaved with
-    torch and lathe on a 2-vCPU machine, spinning threads would steal the others' time."""
-    import onnxruntime as ort
+    """onnxruntime's CPU session, lathe's one builder (threads that do not spin-wait)."""
+    from lathe.export.validate import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort_session(path)
 
 
 def _size(p: Path) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lathe.compress.calibration import run_batches
 from lathe.compress.config import CONFIGS, register_handler
 from lathe.errors import BadInput
 
@@ -117,13 +118,7 @@ def _activation_means(model, batches) -> dict:
         def h(m, a, out, i=i):
             stats[i] = stats.get(i, 0) + out.detach().abs().mean((0, 2, 3))
         hooks.append(b.dw.register_forward_hook(h))
-    try:
-        with torch.no_grad():
-            for bt in batches:
-                model(**bt)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    run_batches(model, batches, hooks, {}, mode=torch.no_grad)
     return stats
 
 

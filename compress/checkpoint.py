@@ -146,7 +146,7 @@ def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
     for the checkpoint's own dtypes) is the activation dtype: plain floating-point weights
     are converted to it there, once, and each quantized module's prepare(dtype) stores its
     scales/bias in the dtype its kernel reads, so forward converts nothing."""
-    from lathe.compress.modules import QUANT_MODULES
+    from lathe.compress.modules import module_class
     from lathe.integrations import hf_files
     from lathe.models import model_class
     from lathe.models.base import adapter_of
@@ -163,13 +163,7 @@ def build_model(src: Source, device="cpu", dtype=None) -> nn.Module:
             model.transform(t)
         adapter = adapter_of(model)
         for name, entry in (src.manifest or {}).get("modules", {}).items():
-            qcls = QUANT_MODULES.get(entry.get("class"))
-            if qcls is None:  # e.g. LowRankLinear: registered when its plugin is imported
-                from lathe.compress.config import ensure_registered
-                ensure_registered()
-                qcls = QUANT_MODULES.get(entry.get("class"))
-            if qcls is None:
-                raise BadInput(f"{src.path}: manifest names unknown module class {entry.get('class')!r}")
+            qcls = module_class(entry.get("class"), f"{src.path}: manifest")
             parent, _, leaf = name.rpartition(".")
             try:
                 owner = model.get_submodule(parent) if parent else model

@@ -235,7 +235,7 @@ class _Data:
     """global_batch(step): the step's whole batch (all ranks), a function of (seed, step)."""
 
     def __init__(self, cfg: DistillConfig, ctx, decoder: bool):
-        from lathe import text
+        from lathe import models, text
 
         self.cfg, self.decoder = cfg, decoder
         path = ctx.source.path
@@ -246,7 +246,7 @@ class _Data:
                                "needs more")
         else:
             texts = text.read_lines(cfg.data) if cfg.data else text.augmented_texts(path, cfg.seed)
-            enc = text.Tokenizer(path)(texts, cfg.seq_len)
+            enc = models.tokenizer(path)(texts, cfg.seq_len)
             self.enc = {k: v for k, v in enc.items()}
             self.n = len(texts)
 

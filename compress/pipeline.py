@@ -7,7 +7,7 @@ from lathe.errors import BadInput
 
 
 def calibration_batches(src_path, calib_file=None, n: int = 128, batch_size: int = 16):
-    from lathe import text
+    from lathe import models, text
     from lathe.models.generic import image_batches, takes_pixels
     from lathe.source import open_source
 
@@ -18,7 +18,7 @@ def calibration_batches(src_path, calib_file=None, n: int = 128, batch_size: int
         return image_batches(config, n=32)
 
     texts = text.read_lines(calib_file) if calib_file else list(text.calibration_texts(n))
-    tok = text.Tokenizer(src_path)
+    tok = models.tokenizer(src_path)
     return text.batches(tok, texts, batch_size=batch_size, seq_len=128)
 
 

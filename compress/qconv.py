@@ -186,9 +186,39 @@ class QConv2dInt8(nn.Module):
             y = y.masked_fill(bad[:, None, None, None], float("nan"))
         return y
 
+    # lathe.kernels.conv_chain runs a model's units in one op through these three
+    def chain_ready(self) -> bool:
+        """False while an ONNX export traces the units one by one."""
+        return GRAPH_HOOK is None
+
+    def chain_layer(self) -> dict | None:
+        """This unit as a layer of lathe's int8 conv chain; None while an ONNX export traces."""
+        if not self.chain_ready():
+            return None
+        if self._packed is None or self._wsum is None:
+            from lathe.kernels import cpu_conv
+            self._packed, self._wsum = cpu_conv.pack(self.weight, self.depthwise)
+        return {"depthwise": self.depthwise, "C": self.in_channels, "N": self.out_channels,
+                "k": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "packed": self._packed, "wsum": self._wsum, "w_scale": self.weight_scale, "bias": self.bias,
+                "act": self.act, "in_scale": self.in_scale, "in_zp": self.in_zp, "out_scale": self.out_scale,
+                "out_zp": self.out_zp, "out_hw": self._out_hw}
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        from lathe.models.convnet import conv_geometry
+        return conv_geometry(h, w, self.kernel_size, self.stride, self.padding)[2:]
+
+    def wrap_output(self, y: torch.Tensor, bad: torch.Tensor | None):
+        """The chain's NHWC result as this unit's forward returns it."""
+        if self.out_scale > 0:
+            return QAct(y, self.out_channels, self.out_scale, self.out_zp, bad)
+        y = y.permute(0, 3, 1, 2)  # NCHW view of the NHWC result (channels_last memory)
+        return y if bad is None else y.masked_fill(bad[:, None, None, None], float("nan"))
+
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, s={self.stride}, "
                 f"groups={self.groups}, act={self.act}, out={'u8' if self.out_scale > 0 else 'fp32'}")
 
 
 register_module(QConv2dInt8)
+

@@ -40,7 +40,7 @@ def _smoothing(model, cfg: Int8Config, groups, modules, calib, progress):
     firsts = [names[0] for _, names in groups]
     obs = {n: [AbsMaxObserver()] + ([RowSample(cfg.search_rows)] if cfg.alpha_search else []) for n in firsts}
     observe(model, obs, calib, progress)
-    smooth, alphas, errors = {}, {}, {}
+    smooth, alphas, errors, static = {}, {}, {}, {}
     for _, names in groups:
         amax = obs[names[0]][0].all_reduce().amax
         ws = [modules[n].weight for n in names]
@@ -51,10 +51,13 @@ def _smoothing(model, cfg: Int8Config, groups, modules, calib, progress):
             alpha, err = search_alpha(x, amax, ws, cfg.alpha_grid, not cfg.act_symmetric)
             alphas[names[0]], errors[names[0]] = alpha, {"chosen": err[alpha], "at_0.5": err.get(0.5)}
         s = smoothquant_scales(amax, ws, alpha)
+        a = float((amax.float() / s.float()).max())  # the smoothed input's max |x|: free here
         for n in names:
             smooth[n] = s
+            static[n] = a / 127.0 if a > 0 else 1.0
     report = {"alphas": alphas, "search_error": errors} if cfg.alpha_search else {}
-    return smooth, report
+    # what a static-activation export (TensorRT QDQ) quantizes with, unless act_observer records its own
+    return smooth, report | {"act_observer": "minmax", "act_scales": static}
 
 
 def _static_act_scales(model, cfg: Int8Config, groups, smooth, calib) -> dict:

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/attention.h"
+#include "cpu/conv_chain.h"
 #include "cpu/conv_int8.h"
 #include "cpu/int8_gemm.h"
 #include "cpu/int8_gemm_amx.h"
@@ -125,9 +126,9 @@ PYBIND11_MODULE(_C, m) {
     lathe::conv2d_int8_pack(ptr<const int8_t>(w), N, kh, kw, C, ptr<int8_t>(packed), ptr<int32_t>(wsum));
   });
   m.def("dwconv_int8_packed_bytes", &lathe::dwconv_int8_packed_bytes);
-  m.def("dwconv_int8_pack", [](uintptr_t w, int64_t C, int64_t taps, uintptr_t packed, uintptr_t wsum) {
+  m.def("dwconv_int8_pack", [](uintptr_t w, int64_t C, int64_t kh, int64_t kw, uintptr_t packed, uintptr_t wsum) {
     py::gil_scoped_release nogil;
-    lathe::dwconv_int8_pack(ptr<const int8_t>(w), C, taps, ptr<int8_t>(packed), ptr<int32_t>(wsum));
+    lathe::dwconv_int8_pack(ptr<const int8_t>(w), C, kh, kw, ptr<int8_t>(packed), ptr<int32_t>(wsum));
   });
   m.def("quantize_nchw_u8", [](uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, double scale, int zp,
                                uintptr_t out, int64_t ldc, int nthreads) {
@@ -161,6 +162,30 @@ PYBIND11_MODULE(_C, m) {
         else lathe::conv2d_int8(a);
       },
       "int8 convolution on NHWC u8 activations: dense (implicit GEMM) or depthwise.");
+  py::class_<lathe::ConvChain>(m, "ConvChain", "int8 convolutions run as one chain (csrc/cpu/conv_chain.h)")
+      .def(py::init<int64_t, float, int32_t>())
+      .def("add",
+           [](lathe::ConvChain& c, bool depthwise, int64_t C, int64_t N, int64_t kh, int64_t kw, int64_t stride,
+              int64_t pad, uintptr_t packed, uintptr_t wsum, uintptr_t w_scale, uintptr_t bias, int src, int res,
+              int act, double out_scale, int out_zp) {
+             lathe::ChainLayer l;
+             l.depthwise = depthwise, l.C = C, l.N = N, l.kh = kh, l.kw = kw, l.stride = stride, l.pad = pad;
+             l.packed = ptr<const int8_t>(packed), l.wsum = ptr<const int32_t>(wsum);
+             l.w_scale = ptr<const float>(w_scale), l.bias = ptr<const float>(bias);
+             l.src = src, l.res = res, l.act = act, l.out_scale = static_cast<float>(out_scale), l.out_zp = out_zp;
+             c.add(l);
+           })
+      .def("out_shape",
+           [](const lathe::ConvChain& c, int64_t H, int64_t W) {
+             const std::vector<int64_t> v = c.out_shape(H, W);
+             return py::make_tuple(v[0], v[1], v[2], v[3] != 0);
+           })
+      .def("arena_bytes", &lathe::ConvChain::arena_bytes)
+      .def("run", [](lathe::ConvChain& c, uintptr_t x, int64_t B, int64_t H, int64_t W, uintptr_t out, uintptr_t bad,
+                     int nthreads) {
+        py::gil_scoped_release nogil;
+        c.run(ptr<const float>(x), B, H, W, ptr<void>(out), ptr<uint8_t>(bad), nthreads);
+      });
 
   m.def(
       "attention_fwd",

@@ -4,13 +4,14 @@ op lowerings, and validation against PyTorch on onnxruntime every time.
 Targets: `onnxruntime` (int8 through DynamicQuantizeLinear/MatMulInteger, which onnxruntime
 fuses, or lathe's exact per-token math; int4 as MatMulNBits) and `tensorrt` (symmetric static
 QDQ, which TensorRT accepts, with activation scales calibrated here on lathe's calibration
-texts, see calibrate_act_scales; int4 as blocked INT4 DequantizeLinear). Per format, see
-lathe.export.lowering and lathe.export.weight_only; decoders: lathe.export.decoder; writing
+scales recorded at compress time, or calibrated here on lathe's calibration texts, see
+static_act_scales; int4 as blocked INT4 DequantizeLinear). Per format, see
+lathe.export.lowerings (one file a format); decoders: lathe.export.decoder; writing
 (external data, onnxslim): lathe.export.save."""
 from __future__ import annotations
 
 import io
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -20,14 +21,15 @@ from lathe.errors import BadInput
 
 def _example_inputs(model_dir, batch: int = 2, seq: int = 16):
     """Sizes above 1 on the dynamic axes: torch.export would bake in a size of 0 or 1."""
-    from lathe.text import Tokenizer
+    from lathe.models import tokenizer
 
-    tok = Tokenizer(model_dir)
+    tok = tokenizer(model_dir)
     return tok(["lathe exports a model to onnx"] * batch, seq_len=seq)
 
 
 def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
-                         max_act_error: float = 0.08, error_texts: int = 32, method: str = "minmax") -> dict:
+                         max_act_error: float = 0.08, error_texts: int = 32, method: str = "minmax",
+                         recorded: dict | None = None) -> dict:
     """Static per-tensor activation scales for the tensorrt target: {"<module>.weight": scale}.
 
     Runs the lathe model on calibration text (lathe.text.calibration_texts unless `texts`)
@@ -42,10 +44,13 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     `max_act_error` gets scale None: the lowering keeps its activations in floating point
     (weight-only int8 DQ, no activation Q/DQ). max_act_error=float("inf") quantizes all.
     method: how amax is chosen, minmax (max |x|) or a histogram observer that may clip:
-    percentile, mse, entropy (lathe.compress.calibration.make_observer)."""
+    percentile, mse, entropy (lathe.compress.calibration.make_observer). recorded: {module:
+    scale} for every module (what compress recorded, see recorded_act_scales): the amax pass is
+    skipped and only the error pass runs."""
     from lathe.compress.calibration import make_observer, real_tokens
     from lathe.compress.formats import quantized_modules
-    from lathe.text import Tokenizer, batches, calibration_texts
+    from lathe.models import tokenizer
+    from lathe.text import batches, calibration_texts
 
     mods = {n: m for n, m in quantized_modules(model) if m.format.act_int8}
     if not mods:
@@ -53,9 +58,11 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     texts = list(texts or calibration_texts())
     if not texts:
         raise BadInput("calibration needs at least one text")
-    tok = Tokenizer(model_dir)
+    tok = tokenizer(model_dir)
     obs = None if method == "minmax" else {n: make_observer(method, name=n) for n in mods}
     amax = dict.fromkeys(mods, 0.0)
+    if recorded is not None:
+        amax = {n: recorded[n] * 127.0 for n in mods}
     err = {n: [0.0, 0.0] for n in mods}
     state = {}
 
@@ -83,7 +90,8 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
     try:
         with torch.inference_mode():
-            for p, subset in ((0, texts), (1, texts[:error_texts] if max_act_error != float("inf") else [])):
+            for p, subset in ((0, texts if recorded is None else []),
+                              (1, texts[:error_texts] if max_act_error != float("inf") else [])):
                 state["pass"] = p
                 if p == 1 and obs is not None:  # the observers' clip, before the error pass
                     amax.update({n: float(o.amax()) for n, o in obs.items() if o.batches})
@@ -101,6 +109,73 @@ def calibrate_act_scales(model, model_dir, texts=None, batch_size: int = 16,
     return out
 
 
+def recorded_act_scales(manifest: dict | None, model, method: str = "minmax") -> tuple[dict | None, str]:
+    """The static activation scales compress recorded ({module: scale}, from the last step
+    whose report holds act_scales, observed with `method`), mapped to `model`'s int8 modules,
+    or (None, why not). A module fused after calibration (BERT's query/key/value into qkv)
+    takes its recorded siblings' scale when they agree (they share one input)."""
+    from lathe.compress.formats import quantized_modules
+
+    steps = ((manifest or {}).get("report") or {}).get("steps") or []
+    rec = next((r for r in reversed(steps) if isinstance(r, dict) and r.get("act_scales")), None)
+    if rec is None:
+        return None, "the checkpoint records no activation scales"
+    if (rec.get("act_observer") or "minmax") != method:
+        return None, f"the checkpoint's activation scales were observed with {rec.get('act_observer')}, not {method}"
+    scales = rec["act_scales"]
+    names = {n for n, _ in model.named_modules()}
+    out = {}
+    for n, m in quantized_modules(model):
+        if not m.format.act_int8:
+            continue
+        if n in scales:
+            out[n] = float(scales[n])
+            continue
+        parent = n.rpartition(".")[0]
+        sib = {float(v) for k, v in scales.items() if k.rpartition(".")[0] == parent and k not in names}
+        if len(sib) != 1:
+            return None, f"the checkpoint records no activation scale for {n}"
+        out[n] = sib.pop()
+    return out, ""
+
+
+def static_act_scales(model, source, calib=None, method: str = "minmax") -> dict:
+    """The tensorrt target's static activation scales (calibrate_act_scales' result): from the
+    scales compress recorded when it has them for every module (only the error pass that picks
+    the float modules runs), else calibrated here, with a note saying why. Texts given in
+    `calib` are always calibrated on."""
+    import sys
+
+    recorded, why = (None, "calibration texts were given") if calib else \
+        recorded_act_scales(source.manifest, model, method)
+    if recorded is None and source.is_compressed:
+        print(f"note: calibrating static activation scales: {why}", file=sys.stderr)
+    return calibrate_act_scales(model, source.path, calib, method=method, recorded=recorded)
+
+
+# Known-harmless exporter noise: torch's pytree deprecation inside torch.export, the note that
+# two inputs share the batch/seq axes (lathe declares them so), the skipped torchvision ops.
+_EXPORTER_NOISE = ((FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+                   (UserWarning, r"# The axis name: .* will not be used"))
+
+
+@contextmanager
+def _quiet_exporter():
+    import logging
+    import warnings
+
+    reg = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg.level
+    reg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _EXPORTER_NOISE:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        reg.setLevel(level)
+
+
 def export_model(model, example: dict, out: Path, target: str = "onnxruntime", opset: int = 18,
                  act_scales: dict | None = None, int8_mode: str = "fused", exact: set | None = None,
                  accuracy_level: int = 4, external_data: bool | None = None, dynamic: dict | None = None,
@@ -111,17 +186,18 @@ def export_model(model, example: dict, out: Path, target: str = "onnxruntime", o
     and 1 of every input). external_data: None = only past the 2 GB protobuf limit."""
     from torch.export import Dim
 
-    from lathe.export.lowering import translation_table
+    from lathe.export.lowerings import Context, translation_table
+    from lathe.export.lowerings.common import Buffers
     from lathe.export.save import save_ir
-    from lathe.export.weight_only import Buffers
 
     names = list(input_names or example)
     if dynamic is None:
         batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=1, max=512)
         dynamic = {n: {0: batch, 1: seq} for n in names}
-    table = translation_table(target, opset, act_scales, int8_mode, exact, Buffers(model), accuracy_level,
-                              zero_point_table(model) if int8_mode == "fused" else None)
-    with torch.inference_mode(False), torch.no_grad():
+    table = translation_table(Context(target, opset, int8_mode, accuracy_level, act_scales,
+                                      frozenset(exact or ()), zero_point_table(model) if int8_mode == "fused" else None,
+                                      Buffers(model)))
+    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
         # The exporter is chatty on stdout; lathe prints its own summary.
         with redirect_stdout(io.StringIO()):
             prog = torch.onnx.export(
@@ -136,12 +212,11 @@ def export_model(model, example: dict, out: Path, target: str = "onnxruntime", o
 
 
 def zero_point_table(model) -> dict:
-    """{int8 module's weight name: J} for the fused lowering (lowering.zero_point_rows)."""
-    from lathe.compress.modules import QLinearW8A8
-    from lathe.export.lowering import zero_point_rows
+    """{int8 module's weight name: J} for the fused lowering (lowerings.w8a8.zero_point_rows)."""
+    from lathe.compress.formats import quantized_modules
+    from lathe.export.lowerings.w8a8 import zero_point_rows
 
-    return {f"{n}.weight": zero_point_rows(m.weight) for n, m in model.named_modules()
-            if isinstance(m, QLinearW8A8)}
+    return {f"{n}.weight": zero_point_rows(m.weight) for n, m in quantized_modules(model) if m.format.act_int8}
 
 
 # Compared on their PyTorch reference: the graph computes the format's exact math.
@@ -156,16 +231,18 @@ def precision_of(model, target: str, int8_mode: str, accuracy_level: int) -> str
     return min(ranked)[1] if ranked else "fp32"
 
 
-def fast_exact_modules(model, model_dir, calib=None, max_act_error: float = 0.08) -> set:
+def fast_exact_modules(model, source, calib=None) -> set:
     """int8 modules that int8_mode "hybrid" keeps on the exact per-token lowering: those whose
-    activations one per-tensor scale represents badly (calibrate_act_scales measures it; in
+    activations one per-tensor scale represents badly (static_act_scales gives them None; in
     MiniLM the FFN down-projections of layers 0-3)."""
-    scales = calibrate_act_scales(model, model_dir, calib, max_act_error=max_act_error)
-    return {k for k, v in scales.items() if v is None}
+    return {k for k, v in static_act_scales(model, source, calib).items() if v is None}
 
 
 # The newest opset lathe's lowerings are checked with (onnxruntime validates the export).
 MAX_OPSET = 23
+# The default opset of an encoder's fused int8 export: opset 21's blocked QuantizeLinear
+# quantizes each row in place (fewer nodes; see lathe.export.lowerings.w8a8).
+FUSED_OPSET = 21
 
 
 def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None, validate: bool = True,
@@ -179,17 +256,18 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
     compressed with per-token asymmetric activations are exported symmetric (TensorRT accepts
     zero point 0 only), so the graph is validated with the looser "int8-static" tolerance.
     target "onnxruntime", int8_mode "fused" (default): lathe's per-token math in onnxruntime's
-    fused int8 GEMM (lathe's quality, about the speed of onnxruntime's own int8); "fast":
+    fused int8 GEMM (lathe's quality, about 0.85x the speed of onnxruntime's own int8); "fast":
     per-tensor activations fused into DynamicQuantizeMatMul (lower quality); "hybrid": fast with
     the outlier modules (calibrated) per token; "exact": lathe's per-token math in standard ONNX
-    ops only (any runtime; slower on onnxruntime). See lathe.export.lowering. accuracy_level: MatMulNBits'
-    (int4 on onnxruntime; 4 = int8 activations, 0 = fp32). opset: default 18, raised to what the
+    ops only (any runtime; slower on onnxruntime). See lathe.export.lowerings.w8a8. accuracy_level: MatMulNBits'
+    (int4 on onnxruntime; 4 = int8 activations, 0 = fp32). opset: default 18 (21 for an
+    encoder's fused int8 export to onnxruntime: rows quantized in place), raised to what the
     modules need (21 for blocked int4/int8 DequantizeLinear, 19 for FP8). Llama decoders
     export with their KV cache (lathe.export.decoder). external_data: None = automatic past
     2 GB. slim: simplify with onnxslim, then validate. calib_method: the tensorrt target's
-    activation amax (minmax, percentile, mse, entropy; see calibrate_act_scales). The output is
+    activation amax (minmax, percentile, mse, entropy; see static_act_scales). The output is
     checked and locked first (lathe.io.claim); force replaces a file lathe did not write."""
-    from lathe.export.lowering import INT8_MODES, TARGETS
+    from lathe.export.lowerings import INT8_MODES, TARGETS
     from lathe.io import claim
     from lathe.source import open_source
 
@@ -225,14 +303,15 @@ def export_onnx(src, out, target: str = "onnxruntime", opset: int | None = None,
 def _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, accuracy_level,
             external_data, slim, calib_method):
     from lathe.compress.checkpoint import load
+    from lathe.compress.formats import quantized_modules
+    from lathe.export.lowerings import needs_opset
     from lathe.export.validate import validate_onnx
-    from lathe.export.weight_only import needs_opset
 
     model = load(source.path)
     need = needs_opset(model, target)
     if opset is not None and opset < need:
         raise BadInput(f"opset {opset} is too old for this model's quantized modules: it needs {need}")
-    opset = max(opset or 18, need)
+    asked, opset = opset, max(opset or 18, need)
     if getattr(model, "lathe_generic", False):  # any other transformers model
         from lathe.export.generic import export_generic
         return export_generic(model, source, out, target, opset, validate, int8_mode, accuracy_level,
@@ -243,10 +322,12 @@ def _export(source, out, target, opset, validate, batch, seq, calib, int8_mode, 
         from lathe.export.decoder import export_decoder
         return export_decoder(model, source, out, target, opset, validate, accuracy_level,
                               external_data, slim)
+    if asked is None and target == "onnxruntime" and int8_mode == "fused" and \
+            any(m.format.act_int8 for _, m in quantized_modules(model)):
+        opset = max(opset, FUSED_OPSET)
     example = _example_inputs(source.path, batch, seq)
-    scales = (calibrate_act_scales(model, source.path, calib, method=calib_method)
-              if target == "tensorrt" else None)
-    exact = (fast_exact_modules(model, source.path, calib)
+    scales = static_act_scales(model, source, calib, calib_method) if target == "tensorrt" else None
+    exact = (fast_exact_modules(model, source, calib)
              if target == "onnxruntime" and int8_mode == "hybrid" else None)
     export_model(model, example, out, target, opset, scales, int8_mode, exact, accuracy_level, external_data)
     if slim:

@@ -61,13 +61,17 @@ class Validation:
 
 def ort_session(model, threads: int | None = None):
     """The one onnxruntime CPU session builder: `model` is a path or an onnx ModelProto;
-    intra-op threads = threads or torch's, one inter-op thread, warnings off."""
+    intra-op threads = threads or torch's, one inter-op thread, warnings off, and threads that
+    do not spin-wait between runs (interleaved with torch and lathe on a small machine, spinning
+    threads steal the others' time; every onnxruntime graph lathe runs, anchors included, gets
+    the same options)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or torch.get_num_threads()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
@@ -83,12 +87,13 @@ def validate_onnx(path, model, model_dir, quantized: bool, raise_on_fail: bool =
     import onnx
 
     from lathe.models.base import adapter_of
-    from lathe.text import Tokenizer, eval_sentences
+    from lathe.models import tokenizer
+    from lathe.text import eval_sentences
 
     onnx.checker.check_model(str(path))
     sess = ort_session(path)
     names = {i.name for i in sess.get_inputs()}
-    tok = Tokenizer(model_dir)
+    tok = tokenizer(model_dir)
     sents = eval_sentences()
     max_abs = max_rel = 0.0
     min_cos = 1.0

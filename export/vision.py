@@ -142,7 +142,7 @@ def export_int8(model, out: Path, target: str = "onnxruntime", size: int = 224, 
 
     from lathe.compress import qconv
     from lathe.io import atomic_file
-    from lathe.compress.modules import QLinearW8A8
+    from lathe.compress.formats import Int8PerChannel, format_of
 
     g = _Graph(target)
     x = _Sym(g, "pixel_values", 3, size, size)
@@ -155,7 +155,7 @@ def export_int8(model, out: Path, target: str = "onnxruntime", size: int = 224, 
     pooled = g.node("GlobalAveragePool", [g.dq(h)], "pool")
     flat = g.node("Flatten", [pooled], "flat", axis=1)
     cls = model.classifier
-    if isinstance(cls, QLinearW8A8):  # weights int8 per channel, activations float (weight-only DQ)
+    if getattr(format_of(cls), "name", None) == Int8PerChannel.name:  # activations float (weight-only DQ)
         wq = cls.weight.numpy()
         w = g.node("DequantizeLinear", [g.const(wq, "fcw"), g.const(cls.weight_scale.numpy(), "fcs"),
                                         g.const(np.zeros(wq.shape[0], np.int8), "fcz")], "fcdq", axis=0)

@@ -1,7 +1,8 @@
 """`torch.ops.lathe.conv2d_int8`: int8 convolution on NHWC u8 activations with static
 per-tensor (scale, zero point) quantization, symmetric per-output-channel int8 weights (OHWI),
 fp32 bias (BatchNorm folded in by the caller), an optional u8 residual added before the
-activation (none / relu / relu6), and an fp32 or requantized u8 output. groups is 1 (dense,
+activation (none / relu / relu6), and an fp32 or requantized u8 output (the bias joins the
+integer sum as int32 there, as in ONNX's QLinearConv; see csrc/cpu/conv_int8.h). groups is 1 (dense,
 an implicit GEMM on the CPU) or the channel count (depthwise); nothing in between.
 
 The PyTorch reference does the integer sum exactly (fp64 convolution of integers) and the
@@ -92,21 +93,30 @@ def int_sum(x, C, x_zp, w_q, depthwise, stride, pad_t, pad_l, OH, OW) -> torch.T
 
 
 def epilogue(acc, x_scale, w_scale, bias, residual, res_scale, res_zp, act, out_scale, out_zp, N):
-    """The kernel's fp32 epilogue, in its order of operations."""
-    y = acc.float() * torch.tensor(x_scale, dtype=torch.float32) * w_scale
-    if bias is not None:
-        y = y + bias
-    if residual is not None:
-        r = residual[..., :N].float() - float(res_zp)
-        y = y + r * torch.tensor(res_scale, dtype=torch.float32)
-    if act in ("relu", "relu6"):
-        y = y.clamp_min(0)
-    if act == "relu6":
-        y = y.clamp_max(6)
+    """The kernel's fp32 epilogue, in its order of operations. acc: the exact integer sum (fp64).
+    u8 out: the bias joins the integer sum as round(bias / s) (ONNX QLinearConv's int32 bias),
+    one fp32 multiplier s / out_scale per channel, the activation folded into the u8 clamp."""
+    f32 = torch.float32
+    s = torch.tensor(x_scale, dtype=f32) * w_scale
+    b = bias if bias is not None else torch.zeros_like(w_scale)
+    r = None if residual is None else residual[..., :N].float() - float(res_zp)
     if out_scale <= 0:
+        y = acc.float() * s + b
+        if r is not None:
+            y = y + r * torch.tensor(res_scale, dtype=f32)
+        if act in ("relu", "relu6"):
+            y = y.clamp_min(0)
+        if act == "relu6":
+            y = y.clamp_max(6)
         return y.contiguous()
-    inv = 1.0 / torch.tensor(out_scale, dtype=torch.float32)
-    q = (torch.round(y * inv) + out_zp).clamp(0, 255).to(torch.uint8)
+    inv = 1.0 / torch.tensor(out_scale, dtype=f32)
+    bq = torch.round(b.double() / s.double()).clamp(-2.0 ** 30, 2.0 ** 30)
+    t = (acc + bq).float() * (s * inv)
+    if r is not None:
+        t = t + r * (torch.tensor(res_scale, dtype=f32) * inv)
+    lo = out_zp if act in ("relu", "relu6") else 0
+    hi = min(255.0, out_zp + torch.round(6 * inv).item()) if act == "relu6" else 255
+    q = (torch.round(t) + out_zp).clamp(lo, max(lo, hi)).to(torch.uint8)
     N4 = -(-N // 4) * 4
     return F.pad(q, (0, N4 - N)).contiguous() if N4 != N else q.contiguous()
 
@@ -116,3 +126,4 @@ def reference(x, C, x_scale, x_zp, w_q, w_scale, bias, depthwise, stride, pad_t,
     acc = int_sum(x, C, x_zp, w_q, depthwise, stride, pad_t, pad_l, OH, OW)
     return epilogue(acc, x_scale, w_scale, bias, residual, res_scale, res_zp, act, out_scale, out_zp,
                     w_q.shape[0])
+

@@ -15,9 +15,9 @@ def pack(w_q: torch.Tensor, depthwise: bool):
     w_q = w_q.contiguous()
     N, kh, kw, C = w_q.shape
     if depthwise:
-        packed = torch.empty(C_.dwconv_int8_packed_bytes(N, kh * kw), dtype=torch.int8)
+        packed = torch.empty(C_.dwconv_int8_packed_bytes(N, kh, kw), dtype=torch.int8)
         wsum = torch.empty(-(-N // 64) * 64, dtype=torch.int32)
-        C_.dwconv_int8_pack(w_q.data_ptr(), N, kh * kw, packed.data_ptr(), wsum.data_ptr())
+        C_.dwconv_int8_pack(w_q.data_ptr(), N, kh, kw, packed.data_ptr(), wsum.data_ptr())
     else:
         packed = torch.empty(C_.conv2d_int8_packed_bytes(N, kh, kw, C), dtype=torch.int8)
         wsum = torch.empty(C_.conv2d_int8_wsum_len(N), dtype=torch.int32)
@@ -46,3 +46,27 @@ def conv(x, C: int, x_scale: float, x_zp: int, w_shape, packed, wsum, w_scale, b
                  ACTS[act], out_scale > 0, float(out_scale) if out_scale > 0 else 1.0, int(out_zp),
                  out.data_ptr(), out.shape[-1], torch.get_num_threads())
     return out
+
+
+def chain(in_channels: int, in_scale: float, in_zp: int, layers):
+    """lathe._C.ConvChain over layers: dicts with depthwise, C, N, kh, kw, stride, pad (-1 same),
+    packed, wsum, w_scale, bias (tensors; bias may be None), src, res, act, out_scale, out_zp.
+    The caller keeps the tensors alive as long as the chain."""
+    C_ = _ext.require_cpu()
+    c = C_.ConvChain(int(in_channels), float(in_scale), int(in_zp))
+    for d in layers:
+        c.add(bool(d["depthwise"]), d["C"], d["N"], d["kh"], d["kw"], d["stride"], d["pad"],
+              d["packed"].data_ptr(), d["wsum"].data_ptr(), d["w_scale"].data_ptr(),
+              0 if d["bias"] is None else d["bias"].data_ptr(), d["src"], d["res"], ACTS[d["act"]],
+              float(d["out_scale"]), int(d["out_zp"]))
+    return c
+
+
+def run_chain(c, x: torch.Tensor):
+    """x fp32 contiguous NCHW -> (the last layer's NHWC output, bool [B]: images with NaN/Inf)."""
+    B, _, H, W = x.shape
+    OH, OW, ld, u8 = c.out_shape(H, W)
+    out = torch.empty(B, OH, OW, ld, dtype=torch.uint8 if u8 else torch.float32)
+    bad = torch.empty(B, dtype=torch.uint8)
+    c.run(x.data_ptr(), B, H, W, out.data_ptr(), bad.data_ptr(), torch.get_num_threads())
+    return out, bad.bool()

@@ -93,7 +93,7 @@ def run(target, workdir: Path, backends=DEFAULT, batches=(1, 8), seq: int = 128,
         p, v = export_onnx(tgt.path, workdir / "model-lathe.onnx")
         log("  " + v.summary())
         specs.append(Spec("onnxruntime", str(p), f"{name} ONNX on onnxruntime"))
-    for mode in ("fast", "hybrid", "exact"):  # the other int8 lowerings (lathe.export.lowering)
+    for mode in ("fast", "hybrid", "exact"):  # the other int8 lowerings (lathe.export.lowerings.w8a8)
         if f"lathe-onnx-{mode}" in backends and tgt.is_compressed:
             log(f"exporting {tgt.path.name} to ONNX ({mode} int8 lowering) ...")
             p, v = export_onnx(tgt.path, workdir / f"model-lathe-{mode}.onnx", int8_mode=mode)

@@ -9,18 +9,16 @@ from pathlib import Path
 from lathe.errors import BadInput, LatheError
 
 # What each --int8-mode costs and buys (bench/results/minilm-onnx-int8-cpu.md): MiniLM int8, seq 128,
-# 2 threads; min cosine against torch fp32 over lathe's 300 sentences; latency ratio against
-# onnxruntime's better int8 recipe (quantize_dynamic per-channel, MatMul only; > 1 = faster) at
-# batch 1 / 8 from one interleaved run on a shared machine.
+# 2 threads; min cosine against transformers fp32 over lathe's 300 sentences; latency ratio against
+# onnxruntime's int8 recipe (quantize_dynamic on lathe's fp32 export, as `lathe bench` builds it; > 1 =
+# faster) at batch 1 / 8 from one interleaved run on a machine shared by 5 helpers.
 INT8_MODES_HELP = (
-    "int8 on onnxruntime (MiniLM: min cosine vs fp32; speed vs onnxruntime's best int8 at batch 1/8). "
+    "int8 on onnxruntime (MiniLM: min cosine vs fp32; speed vs onnxruntime's quantize_dynamic int8 at batch 1/8). "
     "fused (default): lathe's per-token math in onnxruntime's fused int8 GEMM: lathe's quality "
-    "(0.9935; PyTorch 0.9940; onnxruntime's best 0.950), about onnxruntime's speed (0.98x/1.00x). "
-    "fast: per-tensor activations (DynamicQuantizeMatMul): 0.920, 1.23x/1.15x. "
-    "hybrid: fast with the calibrated outlier layers per token: 0.984, 1.12x/1.12x. "
-    "exact: the fused math in standard ONNX ops only (any runtime): 0.9935, 0.91x/0.93x. "
-    "(Speeds are against onnxruntime's recipes on a standard fp32 graph; on lathe's fp32 export, "
-    "which `lathe bench` uses, they run about 1.2x faster, so fused is about 0.9x there.) "
+    "(0.9938 = lathe PyTorch; onnxruntime's best recipe 0.950), slower than onnxruntime's int8 (0.81x/0.85x). "
+    "fast: per-tensor activations (DynamicQuantizeMatMul): 0.926, 0.91x/0.95x. "
+    "hybrid: fast with the outlier layers per token: 0.985, 0.97x/0.98x. "
+    "exact: the fused math in standard ONNX ops only (any runtime): 0.9938, 0.80x/0.85x. "
     "Table: bench/results/minilm-onnx-int8-cpu.md")
 
 EXAMPLES = {
@@ -85,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="runtime whose patterns the quantized ops lower to (tensorrt: symmetric static QDQ)")
     e.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset (default 18, raised to 21 for blocked int4/int8 DequantizeLinear, 19 for FP8)")
+                   help="ONNX opset (default 18; 21 for --int8-mode fused on onnxruntime and for blocked int4/int8 "
+                        "DequantizeLinear, 19 for FP8)")
     e.add_argument("--int8-mode", choices=["fused", "fast", "hybrid", "exact"], default="fused",
                    help=INT8_MODES_HELP)
     e.add_argument("--accuracy-level", type=int, default=4, choices=range(5),

@@ -56,7 +56,7 @@ def _decoder_quality(ref, test, src_path) -> dict:
 
 def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
     """Measure the row of the table for compressed directory `out` made from `src`."""
-    from lathe import text
+    from lathe import models, text
     from lathe.compress.checkpoint import load
     from lathe.models.base import adapter_of
     from lathe.vision import benchable
@@ -88,12 +88,12 @@ def summarize(src, out, reps: int = 3, n_sentences: int = 64) -> dict:
             row["shape"] = "b8 images"
         elif adapter_of(ref).is_decoder:
             row["quality"] = _decoder_quality(ref, test, source.path)
-            tok = text.Tokenizer(source.path)
+            tok = models.tokenizer(source.path)
             x = tok(text.eval_sentences()[:1], seq_len=128)
             inputs = {"input_ids": x["input_ids"], "attention_mask": torch.ones_like(x["input_ids"])}
             row["shape"] = "b1 s128 prefill"
         else:
-            tok = text.Tokenizer(source.path)
+            tok = models.tokenizer(source.path)
             row["quality"] = _encoder_quality(ref, test, tok, n_sentences)
             inputs = tok(text.eval_sentences()[:8], seq_len=128)
             row["shape"] = "b8 s128"

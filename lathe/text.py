@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from lathe.errors import BadInput
@@ -137,29 +138,45 @@ def augmented_texts(model_dir, seed: int = 0) -> list:
     return base + spans + salad
 
 
-class Tokenizer:
-    """A checkpoint's tokenizer.json through the `tokenizers` library (no transformers import)."""
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """How a model family tokenizes (its adapter's `tokenizer`, lathe.models.base); lowercasing
+    and special tokens are the tokenizer.json's own."""
+    pad_token: str = "[PAD]"
+    pad_id: int = 0
+    max_length: int = 512  # truncation when no seq_len is asked for
+    eot: str | None = None  # the end-of-text token that separates training documents
 
-    def __init__(self, model_dir):
+
+class Tokenizer:
+    """A checkpoint's tokenizer.json through the `tokenizers` library (no transformers import),
+    padded and truncated as `settings` say. lathe.models.tokenizer(model_dir) passes the
+    model family's settings; without them, the protocol's defaults."""
+
+    def __init__(self, model_dir, settings: TokenizerSettings | None = None):
         from tokenizers import Tokenizer as _T
 
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
             raise BadInput(f"{model_dir} has no tokenizer.json")
         self.tok = _T.from_file(str(path))
-        self.max_length = 512
+        self.settings = settings if settings is not None else TokenizerSettings()
+
+    @property
+    def max_length(self) -> int:
+        return self.settings.max_length
 
     def __call__(self, texts, seq_len: int | None = None):
         """Dict of int64 tensors; padded to seq_len (and truncated) when given, else to the
         longest text."""
         import torch
 
-        tok = self.tok
-        tok.enable_truncation(max_length=seq_len or self.max_length)
+        tok, s = self.tok, self.settings
+        tok.enable_truncation(max_length=seq_len or s.max_length)
         if seq_len:
-            tok.enable_padding(length=seq_len, pad_id=0, pad_token="[PAD]")
+            tok.enable_padding(length=seq_len, pad_id=s.pad_id, pad_token=s.pad_token)
         else:
-            tok.enable_padding(pad_id=0, pad_token="[PAD]")
+            tok.enable_padding(pad_id=s.pad_id, pad_token=s.pad_token)
         enc = tok.encode_batch(list(texts))
         ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)

@@ -18,16 +18,9 @@ from lathe import _ext
 from lathe.errors import BadInput
 from lathe.kernels import cpu, reference
 from lathe.kernels.cpu_attention import attention
-from testkit import attention_inputs, allowed_mask, attention_at
+from testkit import ISAS, cpu_lacks, isa_or_skip, attention_inputs, allowed_mask, attention_at
 
-ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = cpu.ISAS  # every level, including avx512_bf16 and amx
 f32, bf16 = torch.float32, torch.bfloat16
-
-
-def _isa_or_skip(isa):
-    if LEVEL[isa] > LEVEL[cpu.best_isa()]:
-        pytest.skip(f"this CPU lacks {isa}")
 
 
 def _baseline(q, k, v, causal, mask, scale=None):
@@ -56,6 +49,38 @@ def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed=0):
     return attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed, "cpu")
 
 
+def check_case(isa, B, Hq, Hkv, Sq, Sk, D, causal, mask, dtype):
+    """One case at one ISA level against the fp64 truth (test_cpu_attention_bf16 shares it)."""
+    q, k, v, m = _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed=Sq * 1000 + Sk + D)
+    with cpu.force_isa(isa):
+        out = attention(q, k, v, m, causal)
+    assert_close_to_truth(out, q, k, v, causal, m)
+    if m is not None and B > 1:
+        assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # the all-padding batch row
+
+
+def views(dtype):
+    """q/k/v as the [B, H, S, D] views of a model's [B, S, H, D] projections (q and k out of a
+    packed qkv buffer), and a key mask."""
+    B, S, Hq, Hkv, D = 2, 37, 6, 2, 48
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, S, Hq + 2 * Hkv, D, generator=g).to(dtype)
+    q = qkv[:, :, :Hq].transpose(1, 2)
+    k = qkv[:, :, Hq:Hq + Hkv].transpose(1, 2)
+    v = torch.randn(B, S, Hkv, D, generator=g).to(dtype).transpose(1, 2)
+    m = torch.rand(B, S, generator=g) > 0.2
+    return q, k, v, m
+
+
+def check_views(isa, q, k, v, m):
+    """Strided inputs give the contiguous inputs' bits, close to the truth."""
+    with cpu.force_isa(isa):
+        out = attention(q, k, v, m, causal=True)
+        ref = attention(q.contiguous(), k.contiguous(), v.contiguous(), m, causal=True)
+    assert torch.equal(out, ref)
+    assert_close_to_truth(out, q, k, v, True, m)
+
+
 # B, Hq, Hkv, Sq, Sk, D, causal, mask, dtype
 CASES = [
     (1, 2, 2, 1, 1, 32, False, False, f32),
@@ -77,13 +102,8 @@ CASES = [
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("B,Hq,Hkv,Sq,Sk,D,causal,mask,dtype", CASES)
 def test_matches_reference(isa, B, Hq, Hkv, Sq, Sk, D, causal, mask, dtype):
-    _isa_or_skip(isa)
-    q, k, v, m = _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed=Sq * 1000 + Sk + D)
-    with cpu.force_isa(isa):
-        out = attention(q, k, v, m, causal)
-    assert_close_to_truth(out, q, k, v, causal, m)
-    if m is not None and B > 1:
-        assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # the all-padding batch row
+    isa_or_skip(isa)
+    check_case(isa, B, Hq, Hkv, Sq, Sk, D, causal, mask, dtype)
 
 
 @pytest.fixture
@@ -99,7 +119,7 @@ def four_threads():
 @pytest.mark.parametrize("dtype", [f32, bf16])
 @pytest.mark.parametrize("Hq,Hkv", [(1, 1), (8, 2), (12, 1)])
 def test_decode_long_kv(isa, dtype, Hq, Hkv, four_threads):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     B = 1 if Hq == 1 else 2
     q, k, v, m = _inputs(B, Hq, Hkv, 1, 4099, 64, dtype, mask=Hq > 1, seed=Hq)
     with cpu.force_isa(isa):
@@ -112,26 +132,16 @@ def test_decode_long_kv(isa, dtype, Hq, Hkv, four_threads):
 def test_transposed_views(isa, dtype):
     """q/k/v as the [B, H, S, D] views of a model's [B, S, H, D] projections (and q out of a
     packed qkv buffer): no copy, same result as contiguous inputs."""
-    _isa_or_skip(isa)
-    B, S, Hq, Hkv, D = 2, 37, 6, 2, 48
-    g = torch.Generator().manual_seed(5)
-    qkv = torch.randn(B, S, Hq + 2 * Hkv, D, generator=g).to(dtype)
-    q = qkv[:, :, :Hq].transpose(1, 2)
-    k = qkv[:, :, Hq:Hq + Hkv].transpose(1, 2)
-    v = torch.randn(B, S, Hkv, D, generator=g).to(dtype).transpose(1, 2)
+    isa_or_skip(isa)
+    q, k, v, m = views(dtype)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    m = torch.rand(B, S, generator=g) > 0.2
-    with cpu.force_isa(isa):
-        out = attention(q, k, v, m, causal=True)
-        ref = attention(q.contiguous(), k.contiguous(), v.contiguous(), m, causal=True)
-    assert torch.equal(out, ref)
-    assert_close_to_truth(out, q, k, v, True, m)
+    check_views(isa, q, k, v, m)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_rows_without_keys_are_zero(isa, dtype):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     q, k, v, _ = _inputs(3, 4, 2, 20, 9, 64, dtype, mask=False)
     m = torch.ones(3, 9, dtype=torch.bool)
     m[1] = False  # a batch row of padding only
@@ -151,7 +161,7 @@ def test_rows_without_keys_are_zero(isa, dtype):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("scale", [0.05, -0.1, 0.0, 0.3])
 def test_explicit_scale(isa, scale):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     q, k, v, m = _inputs(2, 4, 2, 33, 70, 40, f32, mask=True, seed=3)
     with cpu.force_isa(isa):
         out = attention(q, k, v, m, False, scale)
@@ -165,7 +175,7 @@ def test_explicit_scale(isa, scale):
        causal=st.booleans(), mask=st.booleans(), dtype=st.sampled_from([f32, bf16]),
        isa=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
 def test_property_any_shape(B, Hkv, rep, Sq, Sk, D, causal, mask, dtype, isa, seed):
-    if LEVEL[isa] > LEVEL[cpu.best_isa()]:
+    if cpu_lacks(isa):
         isa = cpu.best_isa()
     q, k, v, m = _inputs(B, Hkv * rep, Hkv, Sq, Sk, D, dtype, mask, seed)
     with cpu.force_isa(isa):

@@ -8,7 +8,7 @@ import torch
 from lathe.kernels import cpu
 from lathe.kernels.cpu_attention import attention
 
-from test_cpu_attention import _inputs, assert_close_to_truth
+from test_cpu_attention import _inputs, assert_close_to_truth, check_case, check_views, views
 
 bf16 = torch.bfloat16
 LEVELS = ["avx512_bf16", "amx"]
@@ -40,12 +40,7 @@ def _level_or_skip(level):
 @pytest.mark.parametrize("B,Hq,Hkv,Sq,Sk,D,causal,mask", CASES)
 def test_matches_reference(level, B, Hq, Hkv, Sq, Sk, D, causal, mask):
     _level_or_skip(level)
-    q, k, v, m = _inputs(B, Hq, Hkv, Sq, Sk, D, bf16, mask, seed=Sq * 1000 + Sk + D)
-    with cpu.force_isa(level):
-        out = attention(q, k, v, m, causal)
-    assert_close_to_truth(out, q, k, v, causal, m)
-    if m is not None and B > 1:
-        assert torch.equal(out[-1], torch.zeros_like(out[-1]))  # the all-padding batch row
+    check_case(level, B, Hq, Hkv, Sq, Sk, D, causal, mask, bf16)
 
 
 @pytest.mark.parametrize("scale", [0.05, -0.1, 0.0, 0.3])
@@ -59,18 +54,7 @@ def test_explicit_scale(scale):
 
 def test_transposed_views_give_the_contiguous_bits():
     _level_or_skip("avx512_bf16")
-    B, S, Hq, Hkv, D = 2, 37, 6, 2, 48
-    g = torch.Generator().manual_seed(5)
-    qkv = torch.randn(B, S, Hq + 2 * Hkv, D, generator=g).to(bf16)
-    q = qkv[:, :, :Hq].transpose(1, 2)
-    k = qkv[:, :, Hq:Hq + Hkv].transpose(1, 2)
-    v = torch.randn(B, S, Hkv, D, generator=g).to(bf16).transpose(1, 2)
-    m = torch.rand(B, S, generator=g) > 0.2
-    with cpu.force_isa("avx512_bf16"):
-        out = attention(q, k, v, m, causal=True)
-        ref = attention(q.contiguous(), k.contiguous(), v.contiguous(), m, causal=True)
-    assert torch.equal(out, ref)
-    assert_close_to_truth(out, q, k, v, True, m)
+    check_views("avx512_bf16", *views(bf16))
 
 
 def test_nan_in_is_nan_out_for_the_rows_that_see_it():

@@ -10,17 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lathe.compress.quantize import sqnr_db
-from lathe.errors import BadInput
 from lathe.kernels import cpu, reference as ref
 from lathe.kernels.cpu_int4 import int4_linear, int4_pack
+from testkit import ISAS, cpu_lacks, isa_or_skip, assert_each_raises
 
-ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = cpu.ISAS  # every level, including avx512_bf16 and amx
-
-
-def _isa_or_skip(isa):
-    if LEVEL[isa] > LEVEL[cpu.best_isa()]:
-        pytest.skip(f"this CPU lacks {isa}")
 
 
 def _weights(N, K, g, sym, seed):
@@ -83,7 +76,7 @@ CASES = [
 @pytest.mark.parametrize("M,K,N,g", CASES)
 @pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
 def test_int4_linear_matches_reference(isa, M, K, N, g, sym):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     qw, sc, z, zfull = _weights(N, K, g, sym, seed=M * 7919 + K * 31 + N + g)
     gen = torch.Generator().manual_seed(K + N)
     x32 = torch.randn(M, K, generator=gen) * 2 - 0.25
@@ -133,7 +126,7 @@ def test_int4_linear_matches_reference(isa, M, K, N, g, sym):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_route_is_the_same_on_every_isa(isa, dtype):
     """All bodies compute the same int32 sums and the same fp32 epilogue order."""
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     M, K, N, g = 19, 320, 45, 64
     qw, sc, z, _ = _weights(N, K, g, False, seed=5)
     x = torch.randn(M, K).to(dtype)
@@ -150,7 +143,7 @@ def test_int8_route_is_the_same_on_every_isa(isa, dtype):
 @pytest.mark.parametrize("exact", [False, True])
 def test_decode_row_equals_the_same_row_in_a_batch(isa, exact):
     """The M = 1 fast paths (GEMV tiles) sum in the same order as the batched tiles."""
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     M, K, N, g = 13, 544, 70, 32
     qw, sc, z, _ = _weights(N, K, g, False, seed=11)
     x, b = torch.randn(M, K), torch.randn(N)
@@ -200,7 +193,7 @@ def test_shapes_strides_and_empty():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_nan_rows_stay_nan(isa):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     K, N, g = 96, 17, 32
     qw, sc, z, _ = _weights(N, K, g, False, seed=2)
     packed = int4_pack(qw, sc, z, g)
@@ -240,9 +233,7 @@ def test_bad_inputs_raise_value_error_naming_the_problem():
         (lambda: int4_pack(qw, sc, z, g, K=K + 5), "bytes a row"),
         (lambda: int4_pack(qw, sc, z + 16, g), "not a 4-bit code"),  # from C++
     ]
-    for fn, words in cases:
-        with pytest.raises(BadInput, match=words):
-            fn()
+    assert_each_raises(cases)
 
 
 def test_cxx_layer_validates_before_touching_pointers():
@@ -250,20 +241,16 @@ def test_cxx_layer_validates_before_touching_pointers():
     from lathe import _ext
 
     C = _ext.require_cpu()
-    with pytest.raises(ValueError, match="group size must be 32, 64 or 128, got 40"):
-        C.int4_linear(0, 0, 1, 64, 64, 0, 0, 0, 16, 40, 0, 0, 16, 0, 1)
-    with pytest.raises(ValueError, match="K=0"):
-        C.int4_linear(0, 0, 1, 0, 64, 0, 0, 0, 16, 32, 0, 0, 16, 0, 1)
-    with pytest.raises(ValueError, match="dtype code must be 0 .* got 5"):
-        C.int4_linear(0, 5, 1, 64, 64, 0, 0, 0, 16, 32, 0, 0, 16, 0, 1)
-    with pytest.raises(ValueError, match="mode must be"):
-        C.int4_linear(0, 0, 1, 64, 64, 0, 0, 0, 16, 32, 0, 0, 16, 7, 1)
-    with pytest.raises(ValueError, match="ldx=10"):
-        C.int4_linear(0, 0, 1, 64, 10, 0, 0, 0, 16, 32, 0, 0, 16, 0, 1)
-    with pytest.raises(ValueError, match="null pointer"):
-        C.int4_linear(0, 0, 1, 64, 64, 0, 0, 0, 16, 32, 0, 0, 16, 0, 1)
-    with pytest.raises(ValueError, match="row stride 3 < ceil"):
-        C.int4_pack(0, 3, 0, 2, 0, 2, 16, 64, 32, 0, 0, 0)
+    assert_each_raises([
+        (lambda: C.int4_linear(0, 0, 1, 64, 64, 0, 0, 0, 16, 40, 0, 0, 16, 0, 1),
+         "group size must be 32, 64 or 128, got 40"),
+        (lambda: C.int4_linear(0, 0, 1, 0, 64, 0, 0, 0, 16, 32, 0, 0, 16, 0, 1), "K=0"),
+        (lambda: C.int4_linear(0, 5, 1, 64, 64, 0, 0, 0, 16, 32, 0, 0, 16, 0, 1), "dtype code must be 0 .* got 5"),
+        (lambda: C.int4_linear(0, 0, 1, 64, 64, 0, 0, 0, 16, 32, 0, 0, 16, 7, 1), "mode must be"),
+        (lambda: C.int4_linear(0, 0, 1, 64, 10, 0, 0, 0, 16, 32, 0, 0, 16, 0, 1), "ldx=10"),
+        (lambda: C.int4_linear(0, 0, 1, 64, 64, 0, 0, 0, 16, 32, 0, 0, 16, 0, 1), "null pointer"),
+        (lambda: C.int4_pack(0, 3, 0, 2, 0, 2, 16, 64, 32, 0, 0, 0), "row stride 3 < ceil"),
+    ], ValueError)
     C.int4_linear(0, 0, 0, 64, 64, 0, 0, 0, 16, 32, 0, 0, 16, 0, 1)  # M = 0: nothing to touch
 
 
@@ -272,7 +259,7 @@ def test_cxx_layer_validates_before_touching_pointers():
        g=st.sampled_from([32, 64, 128]), sym=st.booleans(), bf16=st.booleans(),
        isa=st.sampled_from(ISAS), seed=st.integers(0, 2**16))
 def test_property_any_shape(M, K, N, g, sym, bf16, isa, seed):
-    if LEVEL[isa] > LEVEL[cpu.best_isa()]:
+    if cpu_lacks(isa):
         isa = cpu.best_isa()
     qw, sc, z, zf = _weights(N, K, g, sym, seed)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))

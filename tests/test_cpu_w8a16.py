@@ -7,20 +7,13 @@ import json
 import pytest
 import torch
 
-from lathe.compress.modules import QUANT_MODULES, QLinearW8A16
-from lathe.errors import BadInput
+from lathe.compress.modules import QLinearW8A16
 from lathe.kernels import cpu, reference as ref
 from lathe.kernels.cpu_w8a16 import w8a16_linear, w8a16_pack
 from lathe.kernels.dispatch import backend_for, use_backend
+from testkit import ISAS, cpu_lacks, isa_or_skip, assert_each_raises, reloaded
 
-ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = cpu.ISAS  # every level, including avx512_bf16 and amx
 op = torch.ops.lathe.linear_w8a16
-
-
-def _isa_or_skip(isa):
-    if LEVEL[isa] > LEVEL[cpu.best_isa()]:
-        pytest.skip(f"this CPU lacks {isa}")
 
 
 def _weights(N, K, g, seed):
@@ -66,7 +59,7 @@ def _groups(K):
 @pytest.mark.parametrize("M", [1, 3, 17, 257])
 @pytest.mark.parametrize("K", KS)
 def test_op_matches_reference(isa, M, K):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     gen = torch.Generator().manual_seed(M * 131 + K)
     x32 = torch.randn(M, K, generator=gen) * 2 - 0.25
     for N in (1, 17, 100):
@@ -96,7 +89,7 @@ def test_every_isa_gives_the_same_bits(dtype):
     packed = w8a16_pack(q, s, g)
     outs = []
     for isa in ISAS:
-        if LEVEL[isa] <= LEVEL[cpu.best_isa()]:
+        if not cpu_lacks(isa):
             with cpu.force_isa(isa):
                 outs.append(w8a16_linear(x, packed, N, g, b))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
@@ -106,7 +99,7 @@ def test_every_isa_gives_the_same_bits(dtype):
 @pytest.mark.parametrize("g", [0, 32])
 def test_decode_row_equals_the_same_row_in_a_batch(isa, g):
     """M = 1 (the GEMV tile) and every batched tile height sum in the same order."""
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     M, K, N = 70, 544, 70  # 70 rows: full tiles, a ragged tile and a second row block
     q, s = _weights(N, K, g, seed=11)
     x, b = torch.randn(M, K), torch.randn(N)
@@ -157,7 +150,7 @@ def test_shapes_strides_packing_and_backends():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_nan_and_inf_stay_in_their_rows(isa):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     K, N = 96, 40
     q, s = _weights(N, K, 0, seed=2)
     packed = w8a16_pack(q, s, 0)
@@ -188,9 +181,7 @@ def test_bad_inputs_name_the_problem():
         (lambda: w8a16_pack(q.float(), s, g), "qweight must be an int8"),
         (lambda: w8a16_pack(q, s.t(), g), "scales must be float"),
     ]
-    for fn, words in cases:
-        with pytest.raises(BadInput, match=words):
-            fn()
+    assert_each_raises(cases)
 
 
 def test_cxx_layer_validates_before_touching_pointers():
@@ -198,18 +189,14 @@ def test_cxx_layer_validates_before_touching_pointers():
     from lathe import _ext
 
     C = _ext.require_cpu()
-    with pytest.raises(ValueError, match="divide K=64, got 48"):
-        C.w8a16_linear(0, 0, 1, 64, 64, 0, 16, 48, 0, 0, 16, 1)
-    with pytest.raises(ValueError, match="K=0"):
-        C.w8a16_linear(0, 0, 1, 0, 64, 0, 16, 0, 0, 0, 16, 1)
-    with pytest.raises(ValueError, match="dtype code must be 0 .* got 3"):
-        C.w8a16_linear(0, 3, 1, 64, 64, 0, 16, 0, 0, 0, 16, 1)
-    with pytest.raises(ValueError, match="ldx=10"):
-        C.w8a16_linear(0, 0, 1, 64, 10, 0, 16, 0, 0, 0, 16, 1)
-    with pytest.raises(ValueError, match="null pointer"):
-        C.w8a16_linear(0, 0, 1, 64, 64, 0, 16, 0, 0, 0, 16, 1)
-    with pytest.raises(ValueError, match="row stride 3 < K=64"):
-        C.w8a16_pack(0, 3, 0, 1, 16, 64, 0, 0)
+    assert_each_raises([
+        (lambda: C.w8a16_linear(0, 0, 1, 64, 64, 0, 16, 48, 0, 0, 16, 1), "divide K=64, got 48"),
+        (lambda: C.w8a16_linear(0, 0, 1, 0, 64, 0, 16, 0, 0, 0, 16, 1), "K=0"),
+        (lambda: C.w8a16_linear(0, 3, 1, 64, 64, 0, 16, 0, 0, 0, 16, 1), "dtype code must be 0 .* got 3"),
+        (lambda: C.w8a16_linear(0, 0, 1, 64, 10, 0, 16, 0, 0, 0, 16, 1), "ldx=10"),
+        (lambda: C.w8a16_linear(0, 0, 1, 64, 64, 0, 16, 0, 0, 0, 16, 1), "null pointer"),
+        (lambda: C.w8a16_pack(0, 3, 0, 1, 16, 64, 0, 0), "row stride 3 < K=64"),
+    ], ValueError)
     C.w8a16_linear(0, 0, 0, 64, 64, 0, 16, 0, 0, 0, 16, 1)  # M = 0: nothing to touch
 
 
@@ -226,8 +213,6 @@ def lin():
 def test_module_uses_the_kernel_and_round_trips_bit_identical(lin, g, tmp_path):
     """What checkpoint.build_model does: class + manifest_args on meta, the saved tensors
     (safetensors, no pickle), prepare(); forward must give the same bits."""
-    from safetensors.torch import load_file, save_file
-
     m = QLinearW8A16.from_linear(lin, group_size=g)
     assert m._packed is not None  # prepare() packed for the CPU kernel
     x = torch.randn(4, 9, 256)
@@ -235,13 +220,9 @@ def test_module_uses_the_kernel_and_round_trips_bit_identical(lin, g, tmp_path):
         y = m(x)
         r = ref.linear_w8a16(x, m.qweight, m.scales, m.bias)
         assert (y - r).abs().max() <= 1e-5 * r.abs().max()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "m.safetensors"))
     assert "_packed" not in m.state_dict()
     json.dumps(m.manifest_args())
-    with torch.device("meta"):
-        r2 = QUANT_MODULES["QLinearW8A16"](**m.manifest_args())
-    r2.load_state_dict(load_file(str(tmp_path / "m.safetensors")), assign=True, strict=True)
-    r2.prepare()
+    r2 = reloaded(m, tmp_path)
     with torch.no_grad():
         assert torch.equal(r2(x), y)
         assert torch.equal(r2(x.bfloat16()), m(x.bfloat16()))

@@ -112,7 +112,7 @@ def test_w8a16_grouped_and_fp8_per_tensor_lowerings(tmp_path):
     from lathe.compress.modules import QLinearFP8, QLinearW8A16
     from lathe.export.onnx import export_model
     from lathe.export.validate import ort_session
-    from lathe.export.weight_only import needs_opset
+    from lathe.export.lowerings import needs_opset
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
@@ -193,3 +193,37 @@ def test_int8_fast_fuses_for_onnxruntime_and_beats_its_anchor_quality(minilm_int
     ref = emb(fp32)
     fast, hyb, ortq = (cosine_stats(ref, emb(p))["min_cos"] for p in (out, hybrid, anchor))
     assert hyb > fast > ortq
+
+
+def test_tensorrt_export_reads_the_recorded_activation_scales(minilm_int8, capsys):
+    """The int8 recipe records each group's static activation scale (from SmoothQuant's pass);
+    export uses them (BERT's fused qkv takes its query/key/value scale) and calibrates only
+    when they are missing, saying so."""
+    import copy
+    import dataclasses
+
+    from lathe.compress.checkpoint import load
+    from lathe.compress.formats import quantized_modules
+    from lathe.export.onnx import calibrate_act_scales, recorded_act_scales, static_act_scales
+    from lathe.source import open_source
+
+    src = open_source(minilm_int8)
+    model = load(minilm_int8)
+    rec, why = recorded_act_scales(src.manifest, model)
+    assert rec is not None, why
+    steps = src.manifest["report"]["steps"]
+    query = next(n for n in steps[0]["act_scales"] if n.endswith("attention.self.query"))
+    assert rec[query.rpartition(".")[0] + ".qkv"] == steps[0]["act_scales"][query]
+    inf = float("inf")
+    used = calibrate_act_scales(model, minilm_int8, max_act_error=inf, recorded=rec)
+    assert used == {f"{n}.weight": s for n, s in rec.items()}
+    assert used.keys() == {f"{n}.weight" for n, _ in quantized_modules(model)}
+    static_act_scales(model, src)
+    assert "note:" not in capsys.readouterr().err
+    bare = copy.deepcopy(src.manifest)
+    for s in bare["report"]["steps"]:
+        s.pop("act_scales", None)
+    assert recorded_act_scales(bare, model)[0] is None
+    assert recorded_act_scales(src.manifest, model, "percentile")[0] is None  # observed otherwise
+    static_act_scales(model, dataclasses.replace(src, manifest=bare))
+    assert "records no activation scales" in capsys.readouterr().err

@@ -14,15 +14,7 @@ import lathe.kernels  # noqa: F401  (registers torch.ops.lathe.*)
 from lathe.compress.modules import QLinearW8A8
 from lathe.errors import ValidationFailed
 from lathe.export.validate import ort_session, validate_onnx
-
-
-class _One(torch.nn.Module):
-    def __init__(self, lin):
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x):
-        return self.lin(x)
+from testkit import One
 
 
 def _truth(m, x):
@@ -39,19 +31,20 @@ def _truth(m, x):
     return apply_act(y, m.act).reshape(*x.shape[:-1], -1)
 
 
+@pytest.mark.parametrize("opset", [18, 21])  # flattened rows / blocked QuantizeLinear in place
 @pytest.mark.parametrize("asym,smooth,bias,act", [(True, True, True, "gelu"), (True, False, False, "none"),
                                                   (False, True, True, "none")])
-def test_fused_linear_matches_the_kernels_math(tmp_path, asym, smooth, bias, act):
+def test_fused_linear_matches_the_kernels_math(tmp_path, asym, smooth, bias, act, opset):
     from lathe.export.onnx import export_model, zero_point_table
 
     torch.manual_seed(0)
     K, N = 33, 17
     lin = torch.nn.Linear(K, N, bias=bias)
     sm = torch.rand(K) + 0.5 if smooth else None
-    model = _One(QLinearW8A8.from_linear(lin, act=act, smooth=sm, act_asym=asym)).eval()
+    model = One(QLinearW8A8.from_linear(lin, act=act, smooth=sm, act_asym=asym)).eval()
     J = zero_point_table(model)["lin.weight"]
     assert J == max(1, -(-int(model.lin.weight.int().sum(1).abs().max()) // 127))
-    out = export_model(model, {"x": torch.randn(2, 3, K)}, tmp_path / "m.onnx", output_names=("y",))
+    out = export_model(model, {"x": torch.randn(2, 3, K)}, tmp_path / "m.onnx", opset=opset, output_names=("y",))
     ops = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     assert ops["MatMulIntegerToFloat"] == 1 and "MatMulInteger" not in ops
     sess = ort_session(out)
@@ -72,6 +65,7 @@ def test_fused_is_the_default_exact_and_keeps_layernorm_fast(minilm_int8, tmp_pa
 
     out, rep = lathe.export_onnx(minilm_int8, tmp_path / "m.onnx")
     assert rep.passed and rep.precision == "int8" and rep.min_cos > 0.999
+    assert {o.domain: o.version for o in onnx.load(str(out)).opset_import}[""] == 21  # rows quantized in place
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])

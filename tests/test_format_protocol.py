@@ -92,7 +92,7 @@ def test_toy_format_registers_and_every_consumer_asks_it(toy_format):
     from lathe.compress.vllm_config import scheme_of
     from lathe.export.decoder import _weight_only
     from lathe.export.onnx import precision_of
-    from lathe.export.weight_only import needs_opset
+    from lathe.export.lowerings import needs_opset
 
     assert FORMATS["toy_int8_group"] is ToyInt8Group and QUANT_MODULES["QLinearToyW8G"] is QLinearToyW8G
     torch.manual_seed(0)
@@ -115,3 +115,15 @@ def test_toy_format_registers_and_every_consumer_asks_it(toy_format):
 
 def test_toy_format_leaves_no_trace_when_unregistered():
     assert "toy_int8_group" not in FORMATS and "QLinearToyW8G" not in QUANT_MODULES
+
+
+def test_every_registered_format_has_an_onnx_lowering():
+    """export/lowerings/ holds one file a format, registered under the format's name."""
+    import lathe.export.lowerings as L
+    from lathe.export.lowerings import Context, translation_table
+    from lathe.export.lowerings.common import Buffers
+
+    table = translation_table(Context(buffers=Buffers(nn.Module())))  # imports every lowering file
+    assert set(FORMATS) <= set(L.LOWERINGS), set(FORMATS) - set(L.LOWERINGS)
+    for name in FORMATS:
+        assert getattr(torch.ops.lathe, FORMATS[name].op).default in table

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from lathe.compress.formats import FP8E4M3
-from lathe.compress.modules import QUANT_MODULES, QLinearFP8
-from lathe.errors import BadInput
+from lathe.compress.modules import QLinearFP8
 from lathe.kernels import reference as ref
 from lathe.kernels.dispatch import backend_for
+from testkit import assert_each_raises, reloaded
 
 op = torch.ops.lathe.linear_fp8
 
@@ -60,8 +60,6 @@ def test_fp8_is_close_to_fp32():
 
 
 def test_module_round_trips_and_traces(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 40)
     m = QLinearFP8.from_linear(lin, granularity="per_tensor", act_granularity="per_token")
@@ -69,11 +67,7 @@ def test_module_round_trips_and_traces(tmp_path):
     with torch.no_grad():
         y = m(x)
         assert torch.equal(y, _old_forward(x, m.weight, m.weight_scale, m.bias, "per_token"))
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "m.safetensors"))
-    with torch.device("meta"):
-        r = QUANT_MODULES["QLinearFP8"](**m.manifest_args())
-    r.load_state_dict(load_file(str(tmp_path / "m.safetensors")), assign=True, strict=True)
-    r.prepare()
+    r = reloaded(m, tmp_path)
     with torch.no_grad():
         assert torch.equal(r(x), y)
         assert torch.equal(torch.compile(m, fullgraph=True, backend="aot_eager")(x), y)
@@ -94,9 +88,7 @@ def test_bad_inputs_name_the_problem():
         (lambda: op(x, w, s.double(), None, "per_token"), "w_scale must be float32"),
         (lambda: op(x, w, s, torch.randn(15), "per_token"), r"bias must be float \[16\]"),
     ]
-    for fn, words in cases:
-        with pytest.raises(BadInput, match=words):
-            fn()
+    assert_each_raises(cases)
 
 
 def _scaled_mm_anchor(xq, w, sx, s, b):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lathe
+import testkit
 from hf_tiny import FAMILIES, inputs, reference, write
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -14,15 +15,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def _cos(a, b):
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), 0))
-
-
-@pytest.fixture(scope="module")
-def recipes(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rec")
-    # hidden 64: int4's default group of 128 would skip every layer; 32 divides all of them
-    (d / "int4-rtn-g32.yaml").write_text("name: int4-rtn-g32\nsteps:\n  - method: int4\n    algo: rtn\n"
-                                         "    group_size: 32\n")
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def _dequantized_reference(model, x):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("recipe", ["int8", "int8-weight-only", "int4-rtn-g32"])
-def test_family(family, recipe, sources, recipes, tmp_path):
+def test_family(family, recipe, sources, tmp_path):
     src = sources[family]
     x = inputs(family)
     ref = reference(family, src, x)
@@ -59,8 +51,7 @@ def test_family(family, recipe, sources, recipes, tmp_path):
     with torch.no_grad():
         assert _cos(fp32(**x), ref) > 1 - 1e-6  # lathe's generic load is transformers' model
     calib = [inputs(family, 4, 16, seed=s) for s in range(3)]
-    rec = recipes / f"{recipe}.yaml" if recipe.startswith("int4") else recipe
-    out = lathe.compress_checkpoint(src, rec, tmp_path / "out", calib=calib)
+    out = lathe.compress_checkpoint(src, testkit.recipe(recipe, tmp_path), tmp_path / "out", calib=calib)
     q = lathe.load(out)
     kinds = {type(m).__name__ for m in q.modules()}
     assert {"int8": "QLinearW8A8", "int8-weight-only": "QLinearW8A16",

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lathe import _ext
-from lathe.kernels import cpu, reference as ref
+from lathe.kernels import cpu
 
-from test_int8_kernel import _ref64
+from test_int8_kernel import assert_close_to_ref64, case
 
 SHAPES = [(16, 64, 16), (17, 17, 5), (32, 100, 33), (33, 257, 48), (48, 384, 40), (257, 1, 3), (64, 65, 1)]
 
@@ -27,16 +27,6 @@ def _emulated():
         C.amx_emulate(False)
 
 
-def _case(M, K, N, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g) * 3 - 0.5
-    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
-    ws = torch.rand(N, generator=g) * 0.01
-    b = torch.randn(N, generator=g)
-    sm = torch.rand(K, generator=g) + 0.5
-    return x, w, ws, b, sm
-
-
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("act", ["none", "gelu", "silu"])
@@ -44,17 +34,13 @@ def test_amx_matches_reference(M, K, N, asym, act):
     why = cpu.isa_missing("amx")
     if why:
         pytest.skip(why)
-    x, w, ws, b, sm = _case(M, K, N, M * 1000 + K * 10 + N)
+    x, w, ws, b, sm = case(M, K, N, M * 1000 + K * 10 + N)
     p, c = cpu.int8_pack(w)
     with cpu.force_isa("amx"):
         y = cpu.int8_linear(x, p, c, ws, b, N, act, sm, asym)
     with cpu.force_isa("avx512_vnni"):
         y_vnni = cpu.int8_linear(x, p, c, ws, b, N, act, sm, asym)
-    r32 = ref.linear_w8a8(x, w, ws, b, act, sm, asym)
-    r64 = _ref64(x, w, ws, b, act, sm, asym)
-    ref_err = (r32.double() - r64).abs().max().item()
-    err = (y.double() - r64).abs().max().item()
-    assert err <= 2 * ref_err + 1e-6 * max(1.0, r64.abs().max().item()), (err, ref_err)
+    assert_close_to_ref64(y, x, w, ws, b, act, sm, asym)
     assert torch.equal(y, y_vnni)  # same int32 sums, same epilogue
 
 
@@ -73,7 +59,7 @@ def test_emulated_amx_driver_gives_the_vnni_bits(M, K, N, asym, act, bias):
     why = cpu.isa_missing("avx512_vnni")
     if why:
         pytest.skip(why)
-    x, w, ws, b, sm = _case(M, K, N, M * 7 + K * 3 + N)
+    x, w, ws, b, sm = case(M, K, N, M * 7 + K * 3 + N)
     b = b if bias else None
     p, c = cpu.int8_pack(w)
     with cpu.force_isa("avx512_vnni"):
@@ -81,10 +67,7 @@ def test_emulated_amx_driver_gives_the_vnni_bits(M, K, N, asym, act, bias):
         with _emulated():
             y_amx = cpu.int8_linear(x, p, c, ws, b, N, act, sm, asym)
     assert torch.equal(y_amx, y_vnni)
-    r64 = _ref64(x, w, ws, b, act, sm, asym)
-    r32 = ref.linear_w8a8(x, w, ws, b, act, sm, asym)
-    ref_err = (r32.double() - r64).abs().max().item()
-    assert (y_amx.double() - r64).abs().max().item() <= 2 * ref_err + 1e-6 * max(1.0, r64.abs().max().item())
+    assert_close_to_ref64(y_amx, x, w, ws, b, act, sm, asym)
 
 
 def test_emulated_amx_keeps_nan_rows_and_small_m_takes_vnni():
@@ -92,7 +75,7 @@ def test_emulated_amx_keeps_nan_rows_and_small_m_takes_vnni():
     if why:
         pytest.skip(why)
     C = _ext.require_cpu()
-    x, w, ws, b, sm = _case(40, 70, 20, 5)
+    x, w, ws, b, sm = case(40, 70, 20, 5)
     x[3, 7] = float("nan")
     p, c = cpu.int8_pack(w)
     with cpu.force_isa("avx512_vnni"), _emulated():

@@ -6,14 +6,8 @@ from hypothesis import strategies as st
 
 from lathe.errors import BadInput
 from lathe.kernels import cpu, reference as ref
+from testkit import ISAS, isa_or_skip
 
-ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = cpu.ISAS  # every level, including avx512_bf16 and amx
-
-
-def _isa_or_skip(isa):
-    if LEVEL[isa] > LEVEL[cpu.best_isa()]:
-        pytest.skip(f"this CPU lacks {isa}")
 
 
 def _ref64(x, w, ws, b, act, smooth, asym):
@@ -26,22 +20,18 @@ def _ref64(x, w, ws, b, act, smooth, asym):
     return ref.apply_act(y, act)
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("M,K,N", [(1, 384, 1536), (3, 17, 5), (17, 100, 33), (128, 384, 384),
-                                   (257, 257, 17), (1, 1, 1), (5, 4096, 3)])
-@pytest.mark.parametrize("asym", [False, True])
-@pytest.mark.parametrize("act", ["none", "gelu", "silu"])
-def test_int8_linear_matches_reference(isa, M, K, N, asym, act):
-    _isa_or_skip(isa)
-    g = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
+def case(M, K, N, seed):
+    """x (off-centre), int8 weights, per-channel scales, bias and a SmoothQuant vector."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g) * 3 - 0.5
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
     ws = torch.rand(N, generator=g) * 0.01
     b = torch.randn(N, generator=g)
     sm = torch.rand(K, generator=g) + 0.5
-    p, c = cpu.int8_pack(w)
-    with cpu.force_isa(isa):
-        y = cpu.int8_linear(x, p, c, ws, b, N, act, sm, asym)
+    return x, w, ws, b, sm
+
+
+def assert_close_to_ref64(y, x, w, ws, b, act, sm, asym):
     r32 = ref.linear_w8a8(x, w, ws, b, act, sm, asym)
     r64 = _ref64(x, w, ws, b, act, sm, asym)
     ref_err = (r32.double() - r64).abs().max().item()
@@ -51,9 +41,23 @@ def test_int8_linear_matches_reference(isa, M, K, N, asym, act):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M,K,N", [(1, 384, 1536), (3, 17, 5), (17, 100, 33), (128, 384, 384),
+                                   (257, 257, 17), (1, 1, 1), (5, 4096, 3)])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("act", ["none", "gelu", "silu"])
+def test_int8_linear_matches_reference(isa, M, K, N, asym, act):
+    isa_or_skip(isa)
+    x, w, ws, b, sm = case(M, K, N, M * 1000 + K * 10 + N)
+    p, c = cpu.int8_pack(w)
+    with cpu.force_isa(isa):
+        y = cpu.int8_linear(x, p, c, ws, b, N, act, sm, asym)
+    assert_close_to_ref64(y, x, w, ws, b, act, sm, asym)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("asym", [False, True])
 def test_quantization_codes_are_exact(isa, asym):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     x = torch.randn(33, 257) * torch.linspace(0.1, 10, 257)
     x[3] = 0.0  # an all-zero row: scale 1, no division by zero
     with cpu.force_isa(isa):

@@ -13,19 +13,13 @@ from hypothesis import strategies as st
 
 from lathe.errors import BadInput
 from lathe.kernels import cpu, reference as ref
+from testkit import ISAS, isa_or_skip
 
-ISAS = ["scalar", "avx2", "avx512_vnni"]
-LEVEL = cpu.ISAS  # the full ladder: avx512_bf16 and amx rank above VNNI
 SPECIALS = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30]
 EPS = torch.finfo(torch.float32).eps
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 ops = torch.ops.lathe
-
-
-def _isa_or_skip(isa):
-    if LEVEL[isa] > LEVEL[cpu.best_isa()]:
-        pytest.skip(f"this CPU lacks {isa}")
 
 
 @st.composite
@@ -77,7 +71,7 @@ def dot_bound(x, w):
        N=st.sampled_from([1, 5, 17]), asym=st.booleans())
 @FUZZ
 def test_linear_w8a8_fuzz(isa, data, M, K, N, asym):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     x = data.draw(odd_view(data.draw(poisoned((M, K)))))
     g = torch.Generator().manual_seed(M * 100 + K * 10 + N)
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
@@ -109,7 +103,7 @@ def _int4(N, K, g, seed):
        G=st.sampled_from([1, 3]))
 @FUZZ
 def test_linear_w4a16_fuzz(isa, data, M, N, G):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     from lathe.kernels.cpu_int4 import int4_linear, int4_pack
 
     g = 32
@@ -136,7 +130,7 @@ def test_linear_w4a16_fuzz(isa, data, M, N, G):
        N=st.sampled_from([1, 5, 17]), grouped=st.booleans())
 @FUZZ
 def test_linear_w8a16_fuzz(isa, data, M, K, N, grouped):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     gen = torch.Generator().manual_seed(M * 100 + K * 10 + N)
     qw = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
     g = 16 if grouped else 0
@@ -187,7 +181,7 @@ def attention_case(draw):
 @given(case=attention_case())
 @FUZZ
 def test_attention_fuzz(isa, case):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     q, k, v, mask, causal, scale = case
     with cpu.force_isa(isa):
         y = ops.attention(q, k, v, mask, causal, scale)
@@ -206,7 +200,7 @@ def test_attention_fuzz(isa, case):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_attention_reported_cases(isa):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, n, 16, generator=g) for n in (4, 5, 5))
     with cpu.force_isa(isa):
@@ -240,7 +234,7 @@ def test_reference_keeps_real_nans():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_w4a16_inf_is_inf_like_the_reference(isa):
-    _isa_or_skip(isa)
+    isa_or_skip(isa)
     qw, sc, z = _int4(8, 64, 32, 0)
     x = torch.randn(2, 64)
     x[1, 5] = float("inf")

@@ -11,6 +11,7 @@ kernel's precision (reference.attention itself for fp32; matmuls and softmax in 
 the half types), plus one ulp of the output's largest magnitude.
 """
 import os
+import re
 
 import pytest
 import torch
@@ -50,28 +51,25 @@ def _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed=0):
     return attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask, seed, DEV)
 
 
-# (B, Hq, Hkv, Sq, Sk, D, mask, dtype): odd lengths, GQA ratios 1/2/4, D 32/64/96.
-DENSE = [
-    (1, 2, 2, 1, 1, 32, False, torch.float32),
-    (2, 2, 2, 3, 3, 32, False, torch.float16),
-    (1, 2, 1, 17, 17, 64, False, torch.float16),
-    (2, 4, 2, 17, 65, 32, True, torch.float32),
-    (2, 4, 1, 65, 65, 32, True, torch.float16),
-    (2, 2, 2, 65, 17, 64, False, torch.float32),
-    (2, 2, 1, 3, 65, 96, True, torch.float16),
-    (2, 4, 4, 17, 3, 64, True, torch.float16),
-    (2, 8, 2, 1, 17, 64, False, torch.float32),
-    (2, 4, 2, 65, 1, 32, True, torch.float32),
-    (2, 8, 2, 65, 65, 64, True, torch.float32),
-    (1, 4, 1, 33, 17, 64, False, torch.float16),
-]
+# b<B> h<Hq> kv<Hkv> q<Sq> k<Sk> d<D>, m: a key mask, then the dtype (each string is its test's id):
+# odd lengths, GQA ratios 1/2/4, D 32/64/96.
+DENSE = """b1h2kv2q1k1d32-float32 b2h2kv2q3k3d32-float16 b1h2kv1q17k17d64-float16
+           b2h4kv2q17k65d32m-float32 b2h4kv1q65k65d32m-float16 b2h2kv2q65k17d64-float32
+           b2h2kv1q3k65d96m-float16 b2h4kv4q17k3d64m-float16 b2h8kv2q1k17d64-float32
+           b2h4kv2q65k1d32m-float32 b2h8kv2q65k65d64m-float32 b1h4kv1q33k17d64-float16""".split()
+
+
+def _dense(case):
+    """B, Hq, Hkv, Sq, Sk, D, mask, dtype of a DENSE case."""
+    pattern = r"b(\d+)h(\d+)kv(\d+)q(\d+)k(\d+)d(\d+)(m?)-(\w+)"
+    *sizes, mask, dtype = re.fullmatch(pattern, case).groups()
+    return (*map(int, sizes), mask == "m", getattr(torch, dtype))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("B,Hq,Hkv,Sq,Sk,D,mask,dtype", DENSE,
-                         ids=[f"b{c[0]}h{c[1]}kv{c[2]}q{c[3]}k{c[4]}d{c[5]}{'m' if c[6] else ''}"
-                              f"-{str(c[7])[6:]}" for c in DENSE])
-def test_dense(B, Hq, Hkv, Sq, Sk, D, mask, dtype, causal):
+@pytest.mark.parametrize("case", DENSE)
+def test_dense(case, causal):
+    B, Hq, Hkv, Sq, Sk, D, mask, dtype = _dense(case)
     q, k, v, m = _inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask)
     out = A.flash_attention(q, k, v, causal=causal, key_padding_mask=m, decode=False)
     assert_close_to_truth(out, q, k, v, causal, m)

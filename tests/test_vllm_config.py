@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import lathe
+import testkit
 from lathe.compress.vllm_config import (dequantize_state, export_compressed_tensors, pack_int4_rows,
                                         unpack_int4_rows)
 from lathe.errors import BadInput
@@ -37,18 +38,9 @@ def _lathe_weights(model):
     return out
 
 
-@pytest.fixture(scope="module")
-def recipes(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rec")
-    (d / "int4-sym.yaml").write_text("name: int4-sym\nsteps:\n  - method: int4\n    algo: rtn\n"
-                                     "    group_size: 64\n    symmetric: true\n")
-    return d
-
-
 @pytest.mark.parametrize("recipe", ["int4-rtn", "int4-sym", "int8-dynamic"])
-def test_export_round_trips_exactly(recipe, recipes, tmp_path):
-    rec = recipes / "int4-sym.yaml" if recipe == "int4-sym" else recipe
-    ck = lathe.compress_checkpoint(DECODER, rec, tmp_path / "ck", calib=[])
+def test_export_round_trips_exactly(recipe, tmp_path):
+    ck = lathe.compress_checkpoint(DECODER, testkit.recipe(recipe, tmp_path), tmp_path / "ck", calib=[])
     out = export_compressed_tensors(ck, tmp_path / "ct")
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     sd = load_file(str(out / "model.safetensors"))

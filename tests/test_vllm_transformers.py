@@ -7,29 +7,21 @@ import pytest
 import torch
 
 import lathe
+import testkit
 from lathe.compress.vllm_config import export_compressed_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 DECODER = lathe.__path__[0] + "/data/decoder-lm"
 
 
-@pytest.fixture(scope="module")
-def recipes(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rec")
-    (d / "int4-sym.yaml").write_text("name: int4-sym\nsteps:\n  - method: int4\n    algo: rtn\n"
-                                     "    group_size: 64\n    symmetric: true\n")
-    return d
-
-
 @pytest.mark.parametrize("recipe", ["int8-dynamic", "int4-sym"])
-def test_transformers_loads_vllm_export(recipe, recipes, tmp_path):
+def test_transformers_loads_vllm_export(recipe, tmp_path):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
     from lathe.kernels.dispatch import use_backend
 
-    rec = recipes / "int4-sym.yaml" if recipe == "int4-sym" else recipe
-    ck = lathe.compress_checkpoint(DECODER, rec, tmp_path / "ck", calib=[])
+    ck = lathe.compress_checkpoint(DECODER, testkit.recipe(recipe, tmp_path), tmp_path / "ck", calib=[])
     out = export_compressed_tensors(ck, tmp_path / "ct")
     assert "lm_head" in json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     m = AutoModelForCausalLM.from_pretrained(str(out))  # transformers' defaults

@@ -5,7 +5,7 @@ A format is one file in this folder (w8a8.py, w4a16.py, w8a16.py, fp8.py): a fro
 (quantize, the reference dequantize, its manifest entry, the hooks below) and the nn.Module
 that holds its tensors and calls its torch.ops.lathe op. Code elsewhere asks
 `module.format.<hook>`, never the module's class. Hooks that belong to a higher layer are
-keyed by the format's `name` there: the ONNX lowering (lathe.export), the vLLM scheme
+keyed by the format's `name` there: the ONNX lowering (lathe.export.lowerings), the vLLM scheme
 (lathe.compress.vllm_config.SCHEMES), the ModelOpt converter
 (lathe.compress.modelopt_backend.CONVERTERS).
 """
@@ -79,6 +79,20 @@ def register_module(cls):
     """Let checkpoints record and rebuild `cls` (a module with manifest_args(); e.g. the
     low-rank factorised Linear of lathe.compress.lowrank)."""
     QUANT_MODULES[cls.__name__] = cls
+    return cls
+
+
+def module_class(name, where: str) -> type:
+    """The module class a manifest entry names (a plugin's, such as low-rank, imported on
+    demand); BadInput "<where> names unknown module class" when none is registered."""
+    cls = QUANT_MODULES.get(name)
+    if cls is None:
+        from lathe.compress.config import ensure_registered
+
+        ensure_registered()
+        cls = QUANT_MODULES.get(name)
+    if cls is None:
+        raise BadInput(f"{where} names unknown module class {name!r}")
     return cls
 
 

@@ -660,32 +660,13 @@ void attention_fwd(const AttentionArgs& a) {
   LATHE_ATT_REQUIRE(a.Sk == 0 || (a.k && a.v), "attention: null k or v pointer");
 
   attn::Prob P;
-  P.q = static_cast<const char*>(a.q);
-  P.k = static_cast<const char*>(a.k);
-  P.v = static_cast<const char*>(a.v);
-  P.out = static_cast<char*>(a.out);
-  P.B = a.B;
-  P.Hq = a.Hq;
-  P.Hkv = a.Hkv;
-  P.rep = a.Hq / a.Hkv;
-  P.Sq = a.Sq;
-  P.Sk = a.Sk;
-  P.D = a.D;
+  copy_problem<char>(P, a);
   P.Dp = attn::round_up(a.D, 16);
-  for (int i = 0; i < 4; ++i) {
-    P.sq[i] = a.q_strides[i];
-    P.sk[i] = a.k_strides[i];
-    P.sv[i] = a.v_strides[i];
-    P.so[i] = a.out_strides[i];
-  }
   P.bf16 = a.dtype == 1;
   P.kv_bf16 = P.bf16;
-  P.mask = a.Sk > 0 ? a.mask : nullptr;
-  P.msb = a.mask_stride;
-  P.causal = a.causal;
+  if (a.Sk == 0) P.mask = nullptr;
   // The softmax needs a positive factor; a negative or zero scale is folded into q exactly.
   P.qscale = a.scale > 0.f ? 1.f : a.scale < 0.f ? -1.f : 0.f;
-  P.sscale = a.scale > 0.f ? a.scale : a.scale < 0.f ? -a.scale : 1.f;
   const int nthreads = std::max(1, a.nthreads);
   if (P.bf16 && attention_bf16_fwd(a, nthreads)) return;  // AVX512-BF16 prefill (attention_bf16.cpp)
   switch (active_isa()) {

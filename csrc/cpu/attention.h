@@ -43,4 +43,32 @@ struct AttentionArgs {
 // Validates every argument (std::invalid_argument naming the bad values) before touching memory.
 void attention_fwd(const AttentionArgs& args);
 
+// What every attention body's problem struct copies from the arguments: the pointers (as
+// element type T), sizes, element strides, the mask and causality, and sscale, the positive
+// factor the softmax applies to q.k (a negative or zero scale is folded into q by the body).
+template <class T, class Prob>
+inline void copy_problem(Prob& P, const AttentionArgs& a) {
+  P.q = static_cast<const T*>(a.q);
+  P.k = static_cast<const T*>(a.k);
+  P.v = static_cast<const T*>(a.v);
+  P.out = static_cast<T*>(a.out);
+  P.B = a.B;
+  P.Hq = a.Hq;
+  P.Hkv = a.Hkv;
+  P.rep = a.Hq / a.Hkv;
+  P.Sq = a.Sq;
+  P.Sk = a.Sk;
+  P.D = a.D;
+  for (int i = 0; i < 4; ++i) {
+    P.sq[i] = a.q_strides[i];
+    P.sk[i] = a.k_strides[i];
+    P.sv[i] = a.v_strides[i];
+    P.so[i] = a.out_strides[i];
+  }
+  P.mask = a.mask;
+  P.msb = a.mask_stride;
+  P.causal = a.causal;
+  P.sscale = a.scale > 0.f ? a.scale : a.scale < 0.f ? -a.scale : 1.f;
+}
+
 }  // namespace lathe

@@ -293,32 +293,12 @@ bool attention_bf16_fwd(const AttentionArgs& a, int nthreads) {
   if (a.dtype != 1 || static_cast<int>(active_level()) < static_cast<int>(Isa::Avx512Bf16)) return false;
   if (a.Sq < kMinRows || a.D > kMaxD || a.B == 0 || a.Sk == 0) return false;
   Prob P;
-  P.q = static_cast<const uint16_t*>(a.q);
-  P.k = static_cast<const uint16_t*>(a.k);
-  P.v = static_cast<const uint16_t*>(a.v);
-  P.out = static_cast<uint16_t*>(a.out);
-  P.B = a.B;
-  P.Hq = a.Hq;
-  P.Hkv = a.Hkv;
-  P.rep = a.Hq / a.Hkv;
-  P.Sq = a.Sq;
-  P.Sk = a.Sk;
-  P.D = a.D;
+  copy_problem<uint16_t>(P, a);
   P.Dh = ceil_div(a.D, 2);
   P.Dv = round_up(a.D, 16);
   P.ntile = ceil_div(a.Sk, kTile);
-  for (int i = 0; i < 4; ++i) {
-    P.sq[i] = a.q_strides[i];
-    P.sk[i] = a.k_strides[i];
-    P.sv[i] = a.v_strides[i];
-    P.so[i] = a.out_strides[i];
-  }
-  P.mask = a.mask;
-  P.msb = a.mask_stride;
-  P.causal = a.causal;
   P.qsign = a.scale < 0.f ? 0x8000 : 0;
   P.qzero = a.scale == 0.f;
-  P.sscale = a.scale > 0.f ? a.scale : a.scale < 0.f ? -a.scale : 1.f;
   nthreads = std::max(1, nthreads);
 
   // Packed K and V, kept by the calling thread between calls up to 64 MiB (no page faults on

@@ -2,15 +2,20 @@
 // quantization and symmetric per-output-channel int8 weights (BatchNorm folded in).
 //
 // Activations: u8 [B, H, W, ldc] (ldc >= C, ldc % 4 == 0; real value = (q - zp) * scale).
-// Epilogue: y = acc * x_scale * w_scale[n] + bias[n] (+ (res - res_zp) * res_scale), then
-// act (0 none, 1 relu, 2 relu6), then either fp32 out or requantized u8 out
-// (q = clamp(round_half_even(y / out_scale) + out_zp, 0, 255)): int8 stays between layers.
+// With acc[n] = sum (q - x_zp) * w (exact) and s[n] = x_scale * w_scale[n] (fp32):
+//   u8 out:   t = float(acc + bq[n]) * (s[n] * (1 / out_scale)) (+ float(res - res_zp) * (res_scale / out_scale)),
+//             q = clamp(round_half_even(t) + out_zp, lo, hi) with bq[n] = round(bias[n] / s[n]) (int32, as in
+//             ONNX's QLinearConv) and the activation folded into [lo, hi] (relu: lo = out_zp; relu6: also
+//             hi = out_zp + round(6 / out_scale)): int8 stays between layers;
+//   fp32 out: y = float(acc) * s[n] + bias[n] (+ float(res - res_zp) * res_scale), then act (none/relu/relu6).
+// kernels/conv_ops.py's reference does exactly these operations, so every path matches it bit for bit.
 //
 // conv2d_int8: dense convolutions (groups = 1) as an implicit GEMM over K = taps * C4
-// (C4 = C rounded up to 4) on the int8_gemm packed weight layout: 1x1 stride 1 is exactly
-// lathe's int8 GEMM; k x k reads its rows through per-pixel tap pointers (no im2col buffer).
-// dwconv_int8: depthwise k x k (groups = C), its own layout: 4 taps of 64 channels per
-// VPDPBUSD group (AVX-512 VNNI), widened int32 multiply-adds on AVX2, plain loops on scalar.
+// (C4 = C rounded up to 4) on the int8_gemm packed weight layout: 1x1 stride 1 reads the
+// activation rows directly; k x k reads its rows through per-pixel tap pointers (no im2col).
+// dwconv_int8: depthwise kh x kw (groups = C), its own layout: on AVX-512 VNNI, 4 input rows of
+// one column interleaved per VPDPBUSD group, each interleaved column reused by every output of
+// the row that needs it; widened int32 multiply-adds on AVX2; plain loops on scalar.
 #pragma once
 #include <cstdint>
 
@@ -24,7 +29,7 @@ struct ConvArgs {
   int64_t kh = 1, kw = 1, stride = 1, pad_t = 0, pad_l = 0, OH = 0, OW = 0;
   const int8_t* packed = nullptr;   // conv2d: int8_gemm layout over K; dwconv: dw layout
   const int32_t* wsum = nullptr;    // per output channel sum of the weight codes
-  const float* w_scale = nullptr;   // [N]
+  const float* w_scale = nullptr;   // [N], > 0
   const float* bias = nullptr;      // [N] or null
   int64_t N = 0;                    // output channels
   const uint8_t* res = nullptr;     // u8 [B, OH, OW, ld_res] or null (conv2d only)
@@ -47,14 +52,14 @@ void conv2d_int8_pack(const int8_t* w, int64_t N, int64_t kh, int64_t kw, int64_
                       int8_t* packed, int32_t* wsum);
 void conv2d_int8(const ConvArgs& a);
 
-// Depthwise weights int8 [C, kh * kw] -> the dw layout (VNNI blocks, then a plain [taps][C64]).
-int64_t dwconv_int8_packed_bytes(int64_t C, int64_t taps);
-void dwconv_int8_pack(const int8_t* w, int64_t C, int64_t taps, int8_t* packed, int32_t* wsum);
+// Depthwise weights int8 [C, kh, kw] -> the dw layout (VNNI row groups, then a plain [taps][C64]).
+int64_t dwconv_int8_packed_bytes(int64_t C, int64_t kh, int64_t kw);
+void dwconv_int8_pack(const int8_t* w, int64_t C, int64_t kh, int64_t kw, int8_t* packed, int32_t* wsum);
 void dwconv_int8(const ConvArgs& a);
 
-// fp32 NCHW images -> u8 NHWC codes [B, H, W, ldc] in one pass (q = clamp(round(x / scale) + zp);
-// NaN -> zp, the caller marks those images); channels C..ldc get zp.
+// fp32 NCHW images -> u8 NHWC codes [B, H, W, ldc] in one pass (q = clamp(round(x * (1 / scale)) + zp);
+// NaN -> zp); channels C..ldc get zp. bad (optional, u8 [B]): 1 for the images holding a NaN or Inf.
 void quantize_nchw_u8(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, float scale, int32_t zp,
-                      uint8_t* out, int64_t ldc, int nthreads);
+                      uint8_t* out, int64_t ldc, int nthreads, uint8_t* bad = nullptr);
 
 }  // namespace lathe

@@ -77,6 +77,19 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+// After the checks: a device must exist, the launcher runs without the GIL, and its error
+// becomes a Python exception naming `what`.
+template <class Launch>
+void launch(const char* what, Launch&& run) {
+  require_device();
+  cudaError_t err;
+  {
+    py::gil_scoped_release nogil;
+    err = run();
+  }
+  raise_on_error(err, what);
+}
+
 void w4a16_linear(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
                   uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K,
                   int64_t group_size, int dtype, uintptr_t stream) {
@@ -94,16 +107,12 @@ void w4a16_linear(uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t ze
   check_ptr("zeros", zeros, 1);
   if (bias != 0) check_ptr("bias", bias, 2);
   check_ptr("out", out, 2);
-  require_device();
-  cudaError_t err;
-  {
-    py::gil_scoped_release nogil;
-    err = lathe_cuda::w4a16_linear(ptr<const void>(x), ptr<const uint8_t>(qweight),
-                                   ptr<const void>(scales), ptr<const uint8_t>(zeros),
-                                   ptr<const void>(bias), ptr<void>(out), M, N, K, group_size,
-                                   dtype, reinterpret_cast<cudaStream_t>(stream));
-  }
-  raise_on_error(err, "w4a16_linear launch");
+  launch("w4a16_linear launch", [&] {
+    return lathe_cuda::w4a16_linear(ptr<const void>(x), ptr<const uint8_t>(qweight),
+                                    ptr<const void>(scales), ptr<const uint8_t>(zeros),
+                                    ptr<const void>(bias), ptr<void>(out), M, N, K, group_size,
+                                    dtype, reinterpret_cast<cudaStream_t>(stream));
+  });
 }
 
 void decode_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t seq_lens, uintptr_t out,
@@ -130,16 +139,12 @@ void decode_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t seq_lens,
   check_ptr("v", v, 16);
   if (seq_lens != 0) check_ptr("seq_lens", seq_lens, 4);
   check_ptr("out", out, 2);
-  require_device();
-  cudaError_t err;
-  {
-    py::gil_scoped_release nogil;
-    err = lathe_cuda::decode_attention(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
-                                       ptr<const int32_t>(seq_lens), ptr<void>(out), B, Hq, Hkv,
-                                       S, D, static_cast<float>(s), dtype,
-                                       reinterpret_cast<cudaStream_t>(stream));
-  }
-  raise_on_error(err, "decode_attention launch");
+  launch("decode_attention launch", [&] {
+    return lathe_cuda::decode_attention(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+                                        ptr<const int32_t>(seq_lens), ptr<void>(out), B, Hq, Hkv,
+                                        S, D, static_cast<float>(s), dtype,
+                                        reinterpret_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace

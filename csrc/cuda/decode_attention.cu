@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cuda/device_util.cuh"
 #include "cuda/launchers.h"
 
 namespace lathe_cuda {
@@ -55,14 +56,6 @@ struct Cfg {
   static constexpr int TILE = KPB * kSteps;
   static_assert(L * VEC == D && (L & (L - 1)) == 0 && L <= 32, "unsupported head dim");
 };
-
-template <typename To, typename From>
-__device__ __forceinline__ To bits_as(const From& f) {
-  static_assert(sizeof(To) == sizeof(From), "size mismatch");
-  To t;
-  memcpy(&t, &f, sizeof(To));
-  return t;
-}
 
 template <class T>
 struct Conv;

@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cuda/device_util.cuh"
 #include "cuda/launchers.h"
 
 namespace lathe_cuda {
@@ -46,14 +47,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerBlock = 16;  // one mma A tile of output rows
 constexpr int kKPerIter = 128;     // k covered by a warp per iteration: 4 lanes x 32 codes
 constexpr int kMaxM = 16;          // rows of x per launch: two mma B tiles of 8
-
-template <typename To, typename From>
-__device__ __forceinline__ To bits_as(const From& f) {
-  static_assert(sizeof(To) == sizeof(From), "size mismatch");
-  To t;
-  memcpy(&t, &f, sizeof(To));
-  return t;
-}
 
 // Element-type policy: the magic exponent for the nibble trick, packed ops, the mma flavour.
 struct F16 {

@@ -493,6 +493,16 @@ def _scaled_mm(x2, w, sx, ssx, sw, ssw, bias, act, out_dtype, is_fp8):
     return y
 
 
+def _scaled_linear(x2, w, x_scale, w_scale, bias, act, out_dtype, is_fp8, lead):
+    """[*lead, N]: x2 [M, K] codes times w [N, K] codes, scaled by x_scale / w_scale (one value
+    or one a row / column each)."""
+    M, N = x2.shape[0], w.shape[0]
+    sx, ssx = _scale_arg(x_scale, M, "x_scale")
+    sw, ssw = _scale_arg(w_scale, N, "w_scale")
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    return _scaled_mm(x2, w, sx, ssx, sw, ssw, bias, act, out_dtype, is_fp8).reshape(*lead, N)
+
+
 def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, act: str = "none",
                 x_scale: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
@@ -518,12 +528,7 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
         q, sx = quantize_per_token_int8(x, smooth)
         q = q.reshape(-1, x.shape[-1])
         out_dtype = out_dtype or x.dtype
-    M, N = q.shape[0], w_q.shape[0]
-    sx, ssx = _scale_arg(sx, M, "x_scale")
-    sw, ssw = _scale_arg(w_scale, N, "w_scale")
-    w = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
-    y = _scaled_mm(q, w, sx, ssx, sw, ssw, bias, act, out_dtype, is_fp8=False)
-    return y.reshape(*lead, N)
+    return _scaled_linear(q, w_q, sx, w_scale, bias, act, out_dtype, False, lead)
 
 
 def _require_fp8(device: torch.device):
@@ -561,13 +566,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, x_scale: torch.Tensor, w_scale:
     if w.dim() != 2 or w.shape[1] != x.shape[-1]:
         raise ValueError(f"w must be [N, K={x.shape[-1]}], got {tuple(w.shape)}")
     lead = x.shape[:-1]
-    x2 = _rows(x)
-    M, N = x2.shape[0], w.shape[0]
-    sx, ssx = _scale_arg(x_scale, M, "x_scale")
-    sw, ssw = _scale_arg(w_scale, N, "w_scale")
-    wc = w if w.stride(-1) == 1 else w.contiguous()
-    y = _scaled_mm(x2, wc, sx, ssx, sw, ssw, bias, act, out_dtype, is_fp8=True)
-    return y.reshape(*lead, N)
+    return _scaled_linear(_rows(x), w, x_scale, w_scale, bias, act, out_dtype, True, lead)
 
 
 def weight_only_path(M: int, N: int, bits: int, device) -> str:

@@ -107,7 +107,7 @@ FUSED = {"qkv": ("query", "key", "value"), "qkv_proj": ("q_proj", "k_proj", "v_p
 def replay(model: nn.Module, qc: dict, meta: bool = True):
     """On the (meta) model: the recorded transforms, then the quantized modules, then the
     sentinel's stored shape. Returns nothing; remembers fused modules to split in finish()."""
-    from lathe.compress.modules import QUANT_MODULES
+    from lathe.compress.modules import module_class
     from lathe.errors import BadInput
     from lathe.models.generic import apply_transform
 
@@ -116,9 +116,7 @@ def replay(model: nn.Module, qc: dict, meta: bool = True):
             apply_transform(model, t)
     splits = []
     for name, entry in (qc.get("modules") or {}).items():
-        qcls = QUANT_MODULES.get(entry.get("class"))
-        if qcls is None:
-            raise BadInput(f"quantization_config names unknown lathe module class {entry.get('class')!r}")
+        qcls = module_class(entry.get("class"), "quantization_config")
         parent, _, leaf = name.rpartition(".")
         try:
             owner = model.get_submodule(parent) if parent else model

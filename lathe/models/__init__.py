@@ -31,6 +31,22 @@ def family_of(config: dict) -> str | None:
     return mt if handles is None or handles(config) else None
 
 
+def tokenizer(model_dir):
+    """model_dir's tokenizer.json (lathe.text.Tokenizer) with its family's TokenizerSettings:
+    the adapter's `tokenizer` for lathe's families, the protocol's defaults for any other
+    transformers model (and a directory without config.json)."""
+    from pathlib import Path
+
+    from lathe.models.base import ModelAdapter
+    from lathe.source import read_json
+    from lathe.text import Tokenizer
+
+    cfg = Path(model_dir) / "config.json"
+    config = read_json(cfg, "config.json") if cfg.is_file() else {}
+    family = model_class(config) if family_of(config) is not None else ModelAdapter
+    return Tokenizer(model_dir, getattr(family, "tokenizer", ModelAdapter.tokenizer))
+
+
 def split_factored(model, groups):
     """linear_groups with low-rank Linears (modules with `factored`, two inner Linears `down`
     then `up`) expanded: `down` takes the group's input, `up` is a group of its own."""

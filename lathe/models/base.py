@@ -14,9 +14,11 @@ model_type: it calls adapter_of(model) (or model_class(config) before a model ex
     pool(out, mask)     the vector quality is scored on (encoders: the mean of the real tokens)
     fusable_act(name)   the activation that Linear `name` may apply in its kernel epilogue (None:
                         none); mark_act_fused(name) tells the model it is applied there
-    tokenizer           TokenizerSettings (pad token, maximum length, end-of-text token)
+    tokenizer           TokenizerSettings (pad token, maximum length, end-of-text token): what
+                        lathe.text.Tokenizer pads and truncates with (lathe.models.tokenizer(dir))
     hf_reference(path)  the transformers model lathe's output is compared with (bench, validation)
     typed_config        the config.json fields lathe reads, as a ModelConfig
+    take_config(config) config.json checked for the family's `required` fields and kept
 
 A model that is no ModelAdapter (a toy nn.Sequential in a test, a model built elsewhere) gets
 FallbackAdapter: each Linear its own group, blocks found under the usual names, no fusion.
@@ -30,18 +32,11 @@ import torch
 import torch.nn as nn
 
 from lathe.errors import BadInput
+from lathe.text import TokenizerSettings  # noqa: F401  (the protocol's; core, so lathe.text can pad)
 
 # Where transformer stacks keep their blocks, for models without an adapter.
 BLOCK_PATHS = ("encoder.layer", "model.layers", "model.decoder.layers", "transformer.h",
                "gpt_neox.layers", "decoder.layers", "layers", "blocks", "h")
-
-
-@dataclass(frozen=True)
-class TokenizerSettings:
-    pad_token: str = "[PAD]"
-    pad_id: int = 0
-    max_length: int = 512
-    eot: str | None = None  # the end-of-text token that separates training documents
 
 
 @dataclass(frozen=True)
@@ -83,6 +78,19 @@ class ModelAdapter:
     tokenizer: ClassVar[TokenizerSettings] = TokenizerSettings()
     hf_class: ClassVar[str] = ""  # transformers class name for hf_reference
     hf_output: ClassVar[str] = "last_hidden_state"
+    style: ClassVar[str] = "?"  # how a message names the family ("BERT-style")
+    # config.json fields a transformer family cannot be built without
+    required: ClassVar[tuple] = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                                 "vocab_size")
+
+    def take_config(self, config: dict) -> None:
+        """Called first by a family's __init__ (after nn.Module's): config.json checked for the
+        required fields (BadInput naming the missing ones) and kept; no transform applied yet."""
+        missing = [k for k in self.required if k not in config]
+        if missing:
+            raise BadInput(f"config.json lacks {', '.join(missing)} for a {self.style} model")
+        self.config = dict(config)
+        self.applied_transforms: list[str] = []  # recorded in the manifest, replayed by load
 
     def blocks(self) -> nn.ModuleList:
         return self.get_submodule(self.blocks_path)

@@ -14,9 +14,6 @@ import lathe.kernels  # noqa: F401  (registers torch.ops.lathe.*)
 from lathe.errors import BadInput
 from lathe.models.base import ModelAdapter, mean_pool  # noqa: F401  (mean_pool re-exported)
 
-REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
-            "vocab_size")
-
 
 class Embeddings(nn.Module):
     def __init__(self, c):
@@ -146,7 +143,7 @@ class BertEncoder(nn.Module, ModelAdapter):
     [B, S, hidden] (the tensor that sentence-transformers mean-pools)."""
 
     # The model-adapter protocol (lathe.models.base).
-    family, is_decoder, blocks_path, hf_class = "bert", False, "encoder.layer", "BertModel"
+    family, is_decoder, blocks_path, hf_class, style = "bert", False, "encoder.layer", "BertModel", "BERT-style"
     # Where structured pruning (lathe.compress.structured) finds heads and FFN neurons, per block.
     prune_spec = {"blocks": "encoder.layer", "attention": "attention.self",
                   "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
@@ -163,13 +160,9 @@ class BertEncoder(nn.Module, ModelAdapter):
 
     def __init__(self, config: dict):
         super().__init__()
-        missing = [k for k in REQUIRED if k not in config]
-        if missing:
-            raise BadInput(f"config.json lacks {', '.join(missing)} for a BERT-style model")
-        self.config = dict(config)
+        self.take_config(config)
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
-        self.applied_transforms: list[str] = []  # recorded in the manifest, replayed by load
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         if token_type_ids is None:

@@ -100,10 +100,27 @@ class EfficientNetLite(nn.Module):
 
     def features(self, x):
         check_images(x, self.cfg.image_size)
+        from lathe.kernels.conv_chain import int8_chain
+        chain = int8_chain(self, self.int8_steps)  # quantized: every conv in one op
+        if chain is not None:
+            return chain(x)
         x = self.stem(x)
         for b in self.blocks:
             x = b(x)
         return self.head(x)
+
+    def int8_steps(self):
+        """(conv unit, producer, residual) in execution order, as indices into this list (-1: the
+        images / none): the dataflow of features() that lathe's int8 conv chain runs in one call."""
+        steps = [(self.stem, -1, -1)]
+        for b in self.blocks:
+            inp = len(steps) - 1
+            if b.expand is not None:
+                steps.append((b.expand, len(steps) - 1, -1))
+            steps.append((b.dw, len(steps) - 1, -1))
+            steps.append((b.project, len(steps) - 1, inp if b.skip else -1))
+        steps.append((self.head, len(steps) - 1, -1))
+        return steps
 
     def pool(self, h):
         """Global average over the spatial positions (NCHW or lathe's int8 NHWC output)."""

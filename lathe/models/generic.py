@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from lathe.errors import BadInput
+from lathe.text import TokenizerSettings
 
 # module types that lathe's compress handlers quantize (after normalisation)
 QUANTIZABLE: tuple = (nn.Linear,)
@@ -189,8 +190,9 @@ class GenericAdapter:
     def hf_reference(self):
         return _base(self)
 
-    def tokenizer_settings(self) -> dict:
-        return {"pad_id": int(getattr(self.config, "pad_token_id", None) or 0)}
+    # lathe.models.tokenizer pads any transformers model with the protocol's defaults (padded
+    # positions are masked out)
+    tokenizer = TokenizerSettings()
 
     def transform(self, name: str):
         """Structural rewrites recorded in the manifest and replayed on the meta model.

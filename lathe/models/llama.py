@@ -26,9 +26,6 @@ import lathe.kernels  # noqa: F401  (registers torch.ops.lathe.*)
 from lathe.errors import BadInput
 from lathe.models.base import ModelAdapter, TokenizerSettings
 
-REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
-            "vocab_size")
-
 
 def rope_theta(c: dict) -> float:
     """rope_theta from a transformers 4.x config (top level) or 5.x one (rope_parameters)."""
@@ -209,7 +206,7 @@ class LlamaForCausalLM(nn.Module, ModelAdapter):
     """
 
     # The model-adapter protocol (lathe.models.base).
-    family, is_decoder, blocks_path = "llama", True, "model.layers"
+    family, is_decoder, blocks_path, style = "llama", True, "model.layers", "Llama-style"
     hf_class, hf_output = "LlamaForCausalLM", "logits"
     tokenizer = TokenizerSettings(eot="<|endoftext|>")
     # Where structured pruning (lathe.compress.structured) finds heads and FFN neurons, per block.
@@ -219,10 +216,7 @@ class LlamaForCausalLM(nn.Module, ModelAdapter):
 
     def __init__(self, config: dict):
         super().__init__()
-        missing = [k for k in REQUIRED if k not in config]
-        if missing:
-            raise BadInput(f"config.json lacks {', '.join(missing)} for a Llama-style model")
-        self.config = dict(config)
+        self.take_config(config)
         self.model = LlamaModel(config)
         self.tied = bool(config.get("tie_word_embeddings", False))
         if not self.tied:
@@ -230,7 +224,6 @@ class LlamaForCausalLM(nn.Module, ModelAdapter):
         att = self.model.layers[0].self_attn if len(self.model.layers) else None
         self.head_dim = att.head_dim if att is not None else 1
         self.rope_theta = rope_theta(config)
-        self.applied_transforms: list[str] = []  # recorded in the manifest, replayed by load
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False,
                 position_ids=None, token_type_ids=None):

@@ -1,0 +1,127 @@
+// TaskPool (see task_pool.h).
+#include "cpu/task_pool.h"
+
+#include <immintrin.h>
+#include <omp.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+
+namespace lathe {
+namespace {
+
+thread_local TaskPool* tl_pool = nullptr;
+constexpr int kSpins = 1 << 13;  // pauses before a waiting thread yields its core (tens of us: a layer gap)
+constexpr uint64_t kStop = ~0ULL;
+
+inline void range(int64_t tasks, int64_t n, int64_t k, int64_t* a, int64_t* b) {
+  *a = tasks * k / n, *b = tasks * (k + 1) / n;
+}
+
+template <typename Pred>
+inline void wait_until(Pred done) {
+  for (int s = 0; !done(); ++s) {
+    if (s < kSpins) _mm_pause();
+    else sched_yield();
+  }
+}
+
+}  // namespace
+
+bool TaskPool::work(uint64_t gen) {
+  uint64_t s = claim_.load(std::memory_order_acquire);
+  for (;;) {
+    if ((s >> 32) != (gen & 0xFFFFFFFFu)) return false;
+    const int64_t c = static_cast<int64_t>(s & 0xFFFFFFFFu);
+    if (c >= chunks_) return false;
+    if (!claim_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+    int64_t a, b;
+    range(tasks_, chunks_, c, &a, &b);
+    if (a < b) (*fn_)(a, b);
+    done_.fetch_add(1, std::memory_order_acq_rel);
+    s = claim_.load(std::memory_order_acquire);
+  }
+}
+
+TaskPool::TaskPool(int workers) {
+  for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { serve(); });
+}
+
+TaskPool::~TaskPool() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    gen_.store(kStop, std::memory_order_release);
+  }
+  wake_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void TaskPool::serve() {
+  uint64_t seen = 0;
+  for (;;) {
+    uint64_t g = gen_.load(std::memory_order_acquire);
+    for (int s = 0; g == seen && s < kSpins && !parked_.load(std::memory_order_relaxed); ++s) {
+      _mm_pause();
+      g = gen_.load(std::memory_order_acquire);
+    }
+    if (g == seen) {
+      std::unique_lock<std::mutex> lk(mu_);
+      wake_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+      g = gen_.load(std::memory_order_acquire);
+    }
+    if (g == kStop) return;
+    seen = g;
+    work(g);
+  }
+}
+
+void TaskPool::run(int64_t tasks, int ways, const std::function<void(int64_t, int64_t)>& fn) {
+  if (ways <= 1 || tasks <= 1) {
+    if (tasks > 0) fn(0, tasks);
+    return;
+  }
+  const int64_t chunks = std::min<int64_t>(tasks, 4 * static_cast<int64_t>(ways));
+  const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
+  tasks_ = tasks, chunks_ = chunks, fn_ = &fn;
+  done_.store(0, std::memory_order_relaxed);
+  claim_.store((g & 0xFFFFFFFFu) << 32, std::memory_order_release);
+  parked_.store(false, std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lk(mu_);  // a worker about to sleep sees the new job under the lock
+    gen_.store(g, std::memory_order_release);
+  }
+  wake_.notify_all();
+  work(g);
+  if (done_.load(std::memory_order_acquire) != chunks) {  // a worker's chunk is still running
+    const auto t0 = std::chrono::steady_clock::now();
+    wait_until([&] { return done_.load(std::memory_order_acquire) == chunks; });
+    wait_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
+                           .count());
+  }
+}
+
+TaskPool::Bind::Bind(TaskPool* p) : prev(tl_pool) { tl_pool = p; }
+TaskPool::Bind::~Bind() { tl_pool = prev; }
+
+void parallel_tasks(int nthreads, int64_t tasks, const std::function<void(int64_t, int64_t)>& fn) {
+  if (tasks <= 0) return;
+  if (tl_pool != nullptr) {
+    tl_pool->run(tasks, nthreads, fn);
+    return;
+  }
+  const int n = static_cast<int>(std::min<int64_t>(std::max(1, nthreads), tasks));
+  if (n <= 1) {
+    fn(0, tasks);
+    return;
+  }
+#pragma omp parallel num_threads(n)
+  {
+    const int k = omp_get_thread_num(), m = omp_get_num_threads();
+    int64_t a, b;
+    range(tasks, m, k, &a, &b);
+    if (a < b) fn(a, b);
+  }
+}
+
+}  // namespace lathe

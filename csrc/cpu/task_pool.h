@@ -1,0 +1,57 @@
+// Chunked parallel loops for a chain of short layers (csrc/cpu/conv_chain.h): the calling thread
+// runs the chain and calls run() per loop; the pool's own worker threads sit in serve(). Every
+// thread claims chunks of the current loop from one counter, so the caller never waits for a
+// worker the OS has not scheduled (it does the chunks itself), only for chunks in progress, and
+// no loop ends in a barrier. Between loops an idle worker spins briefly, then sleeps: on a machine
+// with more runnable threads than cores a layer never costs a time slice, as an OpenMP loop's
+// barrier can. parallel_tasks() uses the pool bound to the calling thread (TaskPool::Bind) or,
+// without one, a plain OpenMP loop.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace lathe {
+
+class TaskPool {
+ public:
+  explicit TaskPool(int workers);  // starts the worker threads
+  ~TaskPool();
+  int workers() const { return static_cast<int>(threads_.size()); }
+  // fn(first, last) over contiguous chunks of [0, tasks); `ways`: the chunk count is 4 x ways.
+  void run(int64_t tasks, int ways, const std::function<void(int64_t, int64_t)>& fn);
+  // The chain is done: idle workers sleep at once instead of spinning (the cores go to whoever
+  // runs next, e.g. torch's own threads). The next run() wakes them.
+  void park() { parked_.store(true, std::memory_order_release); }
+  // Nanoseconds the caller spent waiting for workers' chunks since the last call (then reset).
+  int64_t take_wait_ns() { return wait_ns_.exchange(0); }
+
+  struct Bind {  // routes parallel_tasks() on this thread to the pool while alive
+    explicit Bind(TaskPool* p);
+    ~Bind();
+    TaskPool* prev;
+  };
+
+ private:
+  void serve();             // a worker's loop
+  bool work(uint64_t gen);  // claims and runs chunks of job gen; false once none is left
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> gen_{0};    // job generation; kStop when the pool closes
+  std::atomic<uint64_t> claim_{0};  // gen << 32 | next chunk: a late thread cannot claim a newer job's chunk
+  std::atomic<int64_t> done_{0};    // chunks finished in the current job
+  std::atomic<bool> parked_{false};
+  std::atomic<int64_t> wait_ns_{0};
+  int64_t tasks_ = 0, chunks_ = 0;
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+};
+
+// fn(first, last) over [0, tasks) on up to nthreads threads (1: inline, no fork/join).
+void parallel_tasks(int nthreads, int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);
+
+}  // namespace lathe

@@ -1,0 +1,106 @@
+"""lathe::conv_chain_int8 (csrc/cpu/conv_chain.h): a quantized EfficientNet's convolutions in
+one call, against the same units run one by one on the PyTorch reference, on every ISA path,
+1 and 2 threads, odd image sizes, batch changes (the arena is planned again) and NaN images."""
+import pytest
+import torch
+
+import lathe.kernels  # noqa: F401
+from lathe.errors import BadInput
+from lathe.kernels.dispatch import use_backend
+
+pytest.importorskip("lathe._C")
+from lathe.kernels import cpu as cpu_levels  # noqa: E402
+from lathe.kernels.cpu import best_isa, force_isa  # noqa: E402
+
+ISAS = ["scalar", "avx2", "avx512_vnni"]
+RANK = {n: i for i, n in enumerate(cpu_levels.ISAS)}
+
+
+def _isa(isa):
+    if RANK[isa] > RANK[best_isa()]:
+        pytest.skip(f"this CPU lacks {isa} (best: {best_isa()})")
+    return force_isa(isa)
+
+
+@pytest.fixture(scope="module")
+def qmodel():
+    from test_efficientnet import _images, _tiny
+
+    from lathe import images
+    from lathe.compress.conv_quant import quantize_convnet
+    m = _tiny(seed=1)
+    quantize_convnet(m, images.batches(_images(8), 4))
+    return m
+
+
+def _x(B, H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, H, W, generator=g) * 1.5
+
+
+def _reference(m, x):
+    with use_backend("reference"):
+        return m(x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chain_matches_units_on_the_reference(qmodel, isa, threads):
+    from lathe.kernels import conv_chain as qconv
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode(), _isa(isa):
+            for B, H, W in [(3, 64, 64), (1, 67, 45), (2, 33, 40), (3, 64, 64)]:  # re-plans the arena
+                x = _x(B, H, W, seed=B * H)
+                got = qmodel(x)
+                assert qconv._OWNED.get(qmodel) is not None  # the chain ran, not the units
+                assert torch.equal(got, _reference(qmodel, x)), (B, H, W)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_nan_image_and_new_packing(qmodel):
+    from lathe.compress.qconv import QConv2dInt8
+    from lathe.kernels import conv_chain
+    x = _x(3, 64, 64, seed=7)
+    x[1, 2, 10, 10] = float("nan")
+    x[2, 0, 0, 0] = float("inf")
+    with torch.inference_mode():
+        y = qmodel(x)
+        assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all() and torch.isfinite(y[0]).all()
+        for m in qmodel.modules():  # packed again (new tensors): the chain must follow
+            if isinstance(m, QConv2dInt8):
+                m.prepare()
+        before = conv_chain._OWNED.get(qmodel)
+        assert torch.equal(qmodel(x)[0], _reference(qmodel, x)[0])
+        assert conv_chain._OWNED.get(qmodel) is not before  # built again over the new packing
+
+
+def test_fake_shapes_and_bad_chains(qmodel):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lathe.kernels import conv_chain as qconv
+    c = qconv._OWNED.get(qmodel) or qconv.int8_chain(qmodel, qmodel.int8_steps)
+    x = _x(2, 65, 64)
+    with torch.inference_mode():
+        y, bad = torch.ops.lathe.conv_chain_int8(x, c.key)
+    with FakeTensorMode() as mode:
+        fy, fbad = torch.ops.lathe.conv_chain_int8(mode.from_tensor(x), c.key)
+    assert fy.shape == y.shape and fy.dtype == y.dtype and fbad.shape == bad.shape
+    steps = qmodel.int8_steps()
+    with pytest.raises(BadInput, match="fp32 output"):
+        qconv.ConvChain([(steps[-1][0], -1, -1), (steps[1][0], 0, -1)])
+    with pytest.raises(BadInput, match="come before"):
+        qconv.ConvChain([(steps[0][0], 0, -1)])
+    with pytest.raises(BadInput, match="expected images|expects"):
+        c(torch.randn(1, 4, 64, 64))
+
+
+def test_unquantized_model_runs_the_float_path():
+    from test_efficientnet import _tiny
+
+    from lathe.kernels import conv_chain as qconv
+    m = _tiny()
+    assert qconv.int8_chain(m, m.int8_steps) is None
+    assert m(_x(1, 64, 64)).shape == (1, 10)
