@@ -1,22 +1,26 @@
-"""Range equalization between consecutive conv units (cross-layer equalization, Nagel et al.
-2019 "Data-Free Quantization", driven here by calibration ranges): for a unit A whose output
-feeds only unit B, output channel i of A is multiplied by a_i and B's weights reading channel
-i are divided by a_i. With a_i >= 1 raising the channels whose range is small up to the
-tensor's range, the per-tensor u8 activation between A and B spends its 256 levels on every
-channel instead of on the widest few (depthwise networks spread channel ranges over orders of
-magnitude).
+"""Range equalization between conv units (cross-layer equalization, Nagel et al. 2019
+"Data-Free Quantization", driven here by calibration ranges): output channel i of the units
+writing an activation is multiplied by a_i >= 1 and the weights of the units reading channel i
+are divided by a_i, so that the per-tensor u8 activation spends its 256 levels on every channel
+instead of on the widest few. a_i raises channel i's range up to the tensor's own [min, max]
+(so no range grows), at most max_gain.
 
-Exactness: BN-folded A scaled per output channel is exact; ReLU commutes with a_i > 0; ReLU6
-does where the scaled channel stays below 6 (relu6(a x) = a relu6(x) for a x <= 6): a_i is
-chosen so that a_i * max_i <= the tensor's max (<= 6) on the calibration images, and a
-channel that already clips at 6 keeps a_i = 1, as in DFQ's treatment of ReLU6 where it
-cannot be removed. The model's fp32 outputs are checked unchanged afterwards (otherwise the
-equalization is undone and the report says so).
+Streams, not just pairs: a unit that adds another's output as its residual writes the same
+channels, so a stage's residual stream (every MBConv projection of the stage, and the expand
+convs reading it) is one stream with one a.
 
-Cost on B: a depthwise B has per-channel weight scales, so dividing its channel i by a_i is
-free; a dense B (1x1 projection) quantizes each output row with one scale, so shrinking an
-input column costs that column precision: there a_i is damped to gain ** dense_strength
-(0.5: the geometric middle, CLE's balance of the two ranges)."""
+Exactness: BN-folded per-output-channel scaling is exact; so is ReLU and a linear output
+(positively homogeneous), hence the default: only streams written without ReLU6. ReLU6 is not
+homogeneous: relu6(a x) = a relu6(x) only where a x <= 6. With through_relu6 the gains keep
+every channel under the clip on the calibration images (a channel already at 6 keeps a = 1),
+which is exact there but not on images that push a raised channel further (DFQ replaces ReLU6
+by ReLU instead; lathe keeps the model's function). The fp32 logits of a calibration batch are
+checked unchanged afterwards, or the equalization is undone and the report says so.
+
+Cost on the readers: a depthwise reader has per-channel weight scales, so dividing its channel
+i by a_i is free; a dense reader quantizes each output row with one scale, so shrinking an
+input column costs that column precision: a stream with a dense reader uses a_i **
+dense_strength (0.5: the geometric middle, CLE's balance of the two ranges)."""
 from __future__ import annotations
 
 import torch
@@ -24,16 +28,31 @@ import torch
 ACTS = ("relu", "relu6", "none")
 
 
-def pairs(units: dict, prod: dict, res: dict, fed: dict) -> list[tuple[str, str]]:
-    """(A, B) unit names where A's output is B's main input and nothing else's (no other unit
-    reads it, as input or residual), and A adds no residual (that would not scale with A)."""
+def streams(units: dict, prod: dict, res: dict, fed: dict) -> list[tuple[list, list]]:
+    """(writers, readers) of each activation tensor whose channels can be rescaled as one:
+    writers are the units producing it (a unit adding another's output as its residual
+    writes the same channels, so residual chains are one stream, e.g. a stage's residual
+    stream of MBConv projections), readers the units taking it as their main input. Only
+    streams that no unit outside reads and whose every writer has a reader."""
+    root = {n: n for n in units}
+
+    def find(n):
+        while root[n] != n:
+            root[n] = root[root[n]]
+            n = root[n]
+        return n
+    for c, r in res.items():
+        if r in units and c in units:
+            root[find(c)] = find(r)
+    groups = {}
+    for n in units:
+        groups.setdefault(find(n), []).append(n)
     out = []
-    for a, consumers in fed.items():
-        if len(consumers) != 1:
-            continue
-        b = next(iter(consumers))
-        if prod.get(b) == a and res.get(b) != a and res.get(a) is None and units[a].act in ACTS:
-            out.append((a, b))
+    for writers in groups.values():
+        ws = set(writers)
+        readers = [c for c in units if prod.get(c) in ws]
+        if readers and all(fed.get(w) and fed[w] <= ws | set(readers) for w in writers):
+            out.append((writers, readers))
     return out
 
 
@@ -97,32 +116,38 @@ def _depthwise(unit) -> bool:
 
 
 def equalize(model, units: dict, prod: dict, res: dict, fed: dict, batches, dense_strength: float = 0.5,
-             max_gain: float = 64.0, check=None) -> dict:
-    """In place. units: {name: ConvBNAct}; prod/res/fed: conv_quant's trace. check: a batch whose
-    fp32 logits must not change (default batches[0]). Returns the report."""
-    ps = pairs(units, prod, res, fed)
-    if not ps:
-        return {"pairs": 0}
+             max_gain: float = 64.0, through_relu6: bool = False, check=None) -> dict:
+    """In place. units: {name: ConvBNAct}; prod/res/fed: conv_quant's trace. through_relu6:
+    also streams written through ReLU6 (exact on the calibration ranges only). check: a batch
+    whose fp32 logits must not change (default batches[0]). Returns the report."""
+    ok = ("relu", "none", "relu6") if through_relu6 else ("relu", "none")
+    ss = [(w, r) for w, r in streams(units, prod, res, fed) if all(units[n].act in ok for n in w)]
+    if not ss:
+        return {"streams": 0}
     check = check if check is not None else batches[0]
     with torch.no_grad():
         before = model(**check).double()
-    saved = {n: {k: v.clone() for k, v in units[n].state_dict().items()} for p in ps for n in p}
-    rng = _channel_range(model, units, [a for a, _ in ps], batches)
+    touched = {n for w, r in ss for n in w + r}
+    saved = {n: {k: v.clone() for k, v in units[n].state_dict().items()} for n in touched}
+    rng = _channel_range(model, units, [n for w, _ in ss for n in w], batches)
     gains = []
-    for a, b in ps:
-        g = _gains(*rng[a], 6.0 if units[a].act == "relu6" else float("inf")).clamp(1.0, max_gain)
-        if not _depthwise(units[b]):
-            g = g.pow(dense_strength)
-        _scale_out(units[a], g)
-        _scale_in(units[b], g)
+    for writers, readers in ss:
+        g = torch.stack([_gains(*rng[n], 6.0 if units[n].act == "relu6" else float("inf"))
+                         for n in writers]).amin(0).clamp(1.0, max_gain)
+        if not all(_depthwise(units[n]) for n in readers):
+            g = g.pow(dense_strength)  # one a for the whole stream: the dense readers' compromise
+        for n in writers:
+            _scale_out(units[n], g)
+        for n in readers:
+            _scale_in(units[n], g)
         gains.append(float(g.max()))
     with torch.no_grad():
         after = model(**check).double()
-    # the same logits up to float rounding: a relative error far above fp32's, or a channel the
-    # calibration ranges did not cover clipping differently, undoes it
+    # the same logits up to float rounding: a relative error far above fp32's (a consumer the
+    # trace did not see, or a ReLU6 channel clipping differently) undoes it
     err = float((after - before).norm() / before.norm().clamp(min=1e-30))
     if not err <= 1e-4:
         for n, sd in saved.items():
             units[n].load_state_dict(sd)
-        return {"pairs": 0, "undone": f"changed the fp32 logits by {err:.2e} (relative)"}
-    return {"pairs": len(gains), "max_gain": max(gains, default=1.0), "fp32_rel_change": err}
+        return {"streams": 0, "undone": f"changed the fp32 logits by {err:.2e} (relative)"}
+    return {"streams": len(gains), "max_gain": max(gains, default=1.0), "fp32_rel_change": err}

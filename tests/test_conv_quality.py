@@ -1,0 +1,150 @@
+"""The accuracy steps of CNN int8 (lathe.compress.conv_gptq, conv_equalize, conv_quant's
+bias correction and fp32 first unit): each checked against what it claims, on small convs and
+the tiny EfficientNet; one quality regression on the real EfficientNet-Lite0."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lathe.compress.conv_gptq import PatchStats, bias_shift, gptq_int8, int8_scale
+
+
+def _rtn(w):
+    s = int8_scale(w)
+    return torch.clamp(torch.round(w / s[:, None]), -127, 127) * s[:, None]
+
+
+def _inputs(B, C, H, seed=0):
+    """Correlated, non-zero-mean inputs (what a ReLU6 layer feeds the next one)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(B, 1, H, H, generator=g)
+    x = 0.7 * base + 0.5 * torch.randn(B, C, H, H, generator=g) + torch.rand(1, C, 1, 1, generator=g)
+    return F.relu6(2 * x)
+
+
+@pytest.mark.parametrize("C,k,stride,depthwise", [(3, 3, 2, False), (17, 1, 1, False), (16, 3, 1, True),
+                                                  (5, 5, 2, True)])
+def test_patch_stats_match_fp64(C, k, stride, depthwise):
+    x = _inputs(3, C, 13)
+    conv = nn.Conv2d(C, C, k, stride, groups=C if depthwise else 1, bias=False)
+    st = PatchStats(conv)
+    st.update(x[:2])
+    st.update(x[2:])
+    H, mean = st.finish()
+    p = F.unfold(x.double(), k, stride=stride)  # [B, C*k*k, L]
+    if depthwise:
+        p = p.reshape(3, C, k * k, -1).permute(1, 0, 3, 2).reshape(C, -1, k * k)
+        ref = torch.bmm(p.transpose(1, 2), p) / p.shape[1]
+        ref32 = torch.bmm(p.float().transpose(1, 2), p.float()).double() / p.shape[1]
+        mref = p.mean(1)
+    else:
+        p = p.transpose(1, 2).reshape(-1, C * k * k)
+        ref, ref32, mref = p.t() @ p / p.shape[0], (p.float().t() @ p.float()).double() / p.shape[0], p.mean(0)
+    tol = 2 * (ref32 - ref).abs().max() + ref.abs().max() * 2 ** -23  # fp32 math's own error, and H's fp32 rounding
+    assert (H.double() - ref).abs().max() <= tol
+    assert torch.allclose(mean.double(), mref, rtol=2 ** -20, atol=0)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_gptq_lowers_output_error_and_keeps_the_grid(depthwise):
+    torch.manual_seed(0)
+    C, k = (24, 3) if depthwise else (48, 1)
+    conv = nn.Conv2d(C, C, k, groups=C if depthwise else 1, bias=False)
+    x = _inputs(4, C, 12)
+    st = PatchStats(conv)
+    st.update(x)
+    H, _ = st.finish()
+    w = conv.weight.detach().flatten(1)
+    q, s = gptq_int8(w, H)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127 and torch.equal(s, int8_scale(w))
+    wq = q.float() * s[:, None]
+
+    def out_err(wd):  # mean squared output error on the calibration inputs
+        return float((F.conv2d(x, (wd - w).reshape(conv.weight.shape), groups=conv.groups) ** 2).mean())
+    assert out_err(wq) < out_err(_rtn(w))
+
+
+def test_bias_correction_removes_the_mean_output_shift():
+    torch.manual_seed(1)
+    C = 32
+    conv = nn.Conv2d(C, C, 3, groups=C, bias=False)
+    x = _inputs(4, C, 16)
+    st = PatchStats(conv)
+    st.update(x)
+    _, mean = st.finish()
+    w = conv.weight.detach().flatten(1)
+    wq = _rtn(w)
+    shift = bias_shift(w, wq, mean)
+    y = F.conv2d(x, conv.weight, groups=C)
+    yq = F.conv2d(x, wq.reshape(conv.weight.shape), groups=C)
+    before = (yq - y).mean((0, 2, 3))
+    after = (yq - shift[None, :, None, None] - y).mean((0, 2, 3))
+    assert after.abs().mean() < 0.05 * before.abs().mean()
+
+
+def _tiny():
+    from test_efficientnet import _tiny as t
+    return t()
+
+
+def _imgs(n, seed, size=64):
+    from lathe import images
+    return images.image_set(n, size, seed=seed)[-n:]
+
+
+@pytest.mark.parametrize("through_relu6", [False, True])
+def test_equalize_keeps_fp32_outputs(through_relu6):
+    """Linear / ReLU streams: the same fp32 logits on images it never saw; through ReLU6: on
+    the calibration images (the ranges it kept under the clip). And it does rescale."""
+    from lathe import images
+    from lathe.compress.conv_equalize import equalize
+    from lathe.compress.conv_quant import _trace
+    m = _tiny()
+    calib = images.batches(_imgs(16, 1), 8)
+    x = _imgs(16, 9) if not through_relu6 else calib[0]["pixel_values"]
+    with torch.no_grad():
+        ref = _tiny()(x)
+        r64 = copy.deepcopy(_tiny()).double()(x.double())
+    # the tolerance: how far the same logits move when the model runs in fp64 instead of fp32
+    tol = 2 * float((ref.double() - r64).norm())
+    units = dict(m.conv_units())
+    w0 = {n: u.bn.weight.detach().clone() for n, u in units.items()}
+    rep = equalize(m, units, *_trace(m, list(units.items()), calib[0]), calib, through_relu6=through_relu6)
+    assert rep["streams"] > 0 and "undone" not in rep, rep
+    assert any(not torch.equal(w0[n], u.bn.weight) for n, u in units.items())
+    with torch.no_grad():
+        assert float((m(x).double() - r64).norm()) <= tol
+
+
+def test_float_first_keeps_the_stem_fp32_unless_it_feeds_a_residual():
+    from lathe import images
+    from lathe.compress.conv_quant import quantize_convnet
+    from lathe.models.convnet import ConvBNAct
+    m = _tiny()  # its block 0 adds the stem's output as a residual: the stem must be int8
+    rep = quantize_convnet(m, images.batches(_imgs(8, 2), 4))
+    assert rep["fp32_units"] == [] and rep["gptq"] and rep["bias_correction"]
+    from test_efficientnet import TINY
+    from lathe.models.efficientnet import EfficientNetLite
+    cfg = dict(TINY, stem_channels=8)  # stem 8 -> block 0 16: no residual
+    torch.manual_seed(0)
+    m = EfficientNetLite(cfg).eval()
+    rep = quantize_convnet(m, images.batches(_imgs(8, 2), 4))
+    assert rep["fp32_units"] == ["stem"] and isinstance(m.stem, ConvBNAct)
+
+
+def test_recipe_steps_lower_the_error_on_the_tiny_model():
+    """The default recipe (GPTQ + bias correction) against plain RTN on held-out images."""
+    from lathe import images, vision
+    from lathe.compress.conv_quant import quantize_convnet
+    ref = _tiny()
+    calib = images.batches(_imgs(16, 1), 8)
+    x = _imgs(16, 7)
+    r = vision.logits(ref, x)
+    plain, best = _tiny(), _tiny()
+    quantize_convnet(plain, calib, gptq=False, bias_correction=False, float_first=False)
+    quantize_convnet(best, calib)
+    e_plain = (vision.logits(plain, x) - r).norm()
+    e_best = (vision.logits(best, x) - r).norm()
+    assert e_best < e_plain, (float(e_best), float(e_plain))
