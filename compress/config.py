@@ -30,8 +30,8 @@ class Int8Config:
     CNNs (lathe.compress.conv_quant, static per-tensor activations) read act_observer (None:
     minmax), skip and the conv_* fields: conv_gptq (error-aware weight rounding), conv_bias_correction
     (the rounding's mean output shift removed), conv_float_first (the units that read the image stay
-    fp32), conv_equalize (range equalization between consecutive units; off: through ReLU6 it
-    is exact only on the calibration ranges, and it did not help EfficientNet-Lite0)."""
+    fp32), conv_equalize (range equalization of the activations written without ReLU6, e.g.
+    the MBConv residual streams: exact in fp32). The ablation: bench/results/efficientnet-lite0-quality.md."""
 
     method: ClassVar[str] = "int8"
     smoothquant: bool = True
@@ -47,7 +47,7 @@ class Int8Config:
     conv_gptq: bool = True
     conv_bias_correction: bool = True
     conv_float_first: bool = True
-    conv_equalize: bool = False
+    conv_equalize: bool = True
 
     def __post_init__(self):
         for f in ("conv_gptq", "conv_bias_correction", "conv_float_first", "conv_equalize"):

@@ -129,7 +129,7 @@ def _set_weights(q: QConv2dInt8, w: torch.Tensor, b: torch.Tensor, st, gptq: boo
     q.prepare()
 
 
-def quantize_convnet(model: nn.Module, batches: list, observer: str = "minmax", skip=(), equalize: bool = False,
+def quantize_convnet(model: nn.Module, batches: list, observer: str = "minmax", skip=(), equalize: bool = True,
                      gptq: bool = True, bias_correction: bool = True, float_first: bool = True) -> dict:
     """In place. batches: [{"pixel_values": [B, 3, H, W]}]. Returns the report. The four flags:
     the module docstring."""
