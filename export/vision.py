@@ -129,6 +129,27 @@ class _Graph:
                         (m.out_scale, m.out_zp, np.uint8))
         return _Sym(self, y, m.out_channels, OH, OW)
 
+    def float_conv(self, m, x: _Sym, residual=None) -> _Sym:
+        """A unit the recipe kept fp32 (ConvBNAct, e.g. the stem): Conv with BN folded, fp32 out."""
+        from lathe.compress.conv_quant import fold_bn
+        from lathe.models.convnet import conv_geometry
+
+        k, s = m.k, m.stride
+        pt, pl, OH, OW = conv_geometry(x.H, x.W, k, s, m.padding)
+        pb, pr = (OH - 1) * s + k - x.H - pt, (OW - 1) * s + k - x.W - pl
+        w, b = fold_bn(m.conv, m.bn)
+        y = self.node("Conv", [self.dq(x), self.const(w.numpy().astype(np.float32), "w"),
+                               self.const(b.numpy().astype(np.float32), "b")], "conv",
+                      kernel_shape=[k, k], strides=[s, s], pads=[pt, pl, max(pb, 0), max(pr, 0)],
+                      group=m.conv.groups)
+        if residual is not None:
+            y = self.node("Add", [y, self.dq(residual)], "add")
+        if m.act == "relu":
+            y = self.node("Relu", [y], "relu")
+        elif m.act == "relu6":
+            y = self.node("Clip", [y, self.const(np.float32(0), "lo"), self.const(np.float32(6), "hi")], "relu6")
+        return _Sym(self, y, m.conv.out_channels, OH, OW)
+
 
 def export_int8(model, out: Path, target: str = "onnxruntime", size: int = 224, opset: int = 18) -> Path:
     """model: a lathe int8 CNN (QConv2dInt8 units, QLinearW8A8 or nn.Linear classifier)."""
@@ -141,12 +162,19 @@ def export_int8(model, out: Path, target: str = "onnxruntime", size: int = 224, 
 
     g = _Graph(target)
     x = _Sym(g, "pixel_values", 3, size, size)
+    from lathe.models.convnet import ConvBNAct
+
     prev = qconv.GRAPH_HOOK
     qconv.GRAPH_HOOK = lambda m, a, res: g.conv(m, a, res)
+    floats = [m for m in model.modules() if isinstance(m, ConvBNAct)]  # units kept fp32
+    for m in floats:
+        m.forward = lambda a, residual=None, m=m: g.float_conv(m, a, residual)
     try:
         h = model.features(x)
     finally:
         qconv.GRAPH_HOOK = prev
+        for m in floats:
+            del m.forward  # back to the class's forward
     pooled = g.node("GlobalAveragePool", [g.dq(h)], "pool")
     flat = g.node("Flatten", [pooled], "flat", axis=1)
     cls = model.classifier

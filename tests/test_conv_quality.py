@@ -168,3 +168,35 @@ def test_lite0_int8_quality_regression():
     assert rep["fp32_units"] == ["stem"] and rep["gptq"] and rep["bias_correction"]
     q = vision.quality(ref, vision.logits(m, x))
     assert q["cosine_mean"] > 0.99 and q["nan"] == 0, q
+
+
+def test_fp32_stem_reloads_and_exports(tmp_path):
+    """A checkpoint whose stem the recipe kept fp32: it reloads, and both ONNX exports (fp32
+    Conv for the stem, QDQ for the rest) validate against lathe's model and pass the lint."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import lathe
+    from lathe import vision
+    from lathe.export.trt_lint import lint
+    from lathe.export.vision import export
+    from lathe.models.convnet import ConvBNAct
+    from lathe.models.efficientnet import EfficientNetLite
+    from test_efficientnet import TINY
+    cfg = dict(TINY, stem_channels=8)
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in EfficientNetLite(cfg).eval().state_dict().items()},
+              str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = lathe.compress_checkpoint(src, "int8", tmp_path / "q")
+    m = lathe.load(out)
+    assert isinstance(m.stem, ConvBNAct)
+    x = _imgs(4, 3)
+    assert vision.quality(vision.logits(lathe.load(src), x), vision.logits(m, x))["cosine_mean"] > 0.98
+    for target in ("onnxruntime", "tensorrt"):
+        path, rep = export(out, tmp_path / f"{target}.onnx", target, n_images=8)
+        assert rep["cosine_mean"] >= 0.97, rep
+    assert not lint(tmp_path / "tensorrt.onnx", None).errors
