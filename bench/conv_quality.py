@@ -13,21 +13,21 @@ from pathlib import Path
 
 import torch
 
-OFF = dict(equalize=False, gptq=False, bias_correction=False, float_first=False)
-DEFAULT = dict(equalize=True, gptq=True, bias_correction=True, float_first=True)
+OFF = dict(equalize=False, gptq=False, bias_correction=False, float_first=False, observer="minmax")
+STEPS = dict(equalize=True, gptq=True, bias_correction=True, float_first=True, observer="minmax")
 CONFIGS = {
     "plain": OFF,  # the recipe before these steps: RTN weights, min/max ranges
     "plain+float_first": OFF | dict(float_first=True),
     "plain+equalize": OFF | dict(equalize=True),
     "plain+bias_correction": OFF | dict(bias_correction=True),
     "plain+gptq": OFF | dict(gptq=True),
-    "default": DEFAULT,
-    "default-equalize": DEFAULT | dict(equalize=False),
-    "default-gptq": DEFAULT | dict(gptq=False),
-    "default-bias_correction": DEFAULT | dict(bias_correction=False),
-    "default-float_first": DEFAULT | dict(float_first=False),
-    "default+percentile": DEFAULT | dict(observer="percentile"),
-    "default+mse": DEFAULT | dict(observer="mse"),
+    "steps": STEPS,  # the four steps, min/max ranges
+    "steps-equalize": STEPS | dict(equalize=False),
+    "steps-gptq": STEPS | dict(gptq=False),
+    "steps-bias_correction": STEPS | dict(bias_correction=False),
+    "steps-float_first": STEPS | dict(float_first=False),
+    "steps+percentile": STEPS | dict(observer="percentile"),
+    "default": STEPS | dict(observer="mse"),  # what `lathe compress ... --recipe int8` does
 }
 REFERENCES = ("ort-int8", "bf16")
 
@@ -79,7 +79,7 @@ def run(names, target="efficientnet-lite0", n_images: int = 128, n_calib: int = 
         else:
             kw = dict(CONFIGS[name])
             m = copy.deepcopy(fp)
-            rep = quantize_convnet(m, calib, kw.pop("observer", "minmax"), **kw)
+            rep = quantize_convnet(m, calib, kw.pop("observer"), **kw)
             out = vision.logits(m, x)
         row = {"config": name, **_quality(ref, out), "seconds": round(time.perf_counter() - t, 1)}
         if rep is not None:

@@ -28,7 +28,7 @@ class Int8Config:
     smoothed input, recorded in the report (act_scales) for static-activation exports.
 
     CNNs (lathe.compress.conv_quant, static per-tensor activations) read act_observer (None:
-    minmax), skip and the conv_* fields: conv_gptq (error-aware weight rounding), conv_bias_correction
+    mse), skip and the conv_* fields: conv_gptq (error-aware weight rounding), conv_bias_correction
     (the rounding's mean output shift removed), conv_float_first (the units that read the image stay
     fp32), conv_equalize (range equalization of the activations written without ReLU6, e.g.
     the MBConv residual streams: exact in fp32). The ablation: bench/results/efficientnet-lite0-quality.md."""
@@ -88,7 +88,7 @@ def register_handler(config_type: type):
 # lazily so `import lathe.compress.config` stays light.
 PLUGINS = ("lathe.compress.quantize", "lathe.compress.weight_only", "lathe.compress.prune",
            "lathe.compress.structured", "lathe.compress.lowrank", "lathe.compress.distill",
-           "lathe.compress.channel_prune", "lathe.compress.qconv")
+           "lathe.compress.channel_prune", "lathe.compress.qconv", "lathe.compress.fconv")
 
 
 def ensure_registered():

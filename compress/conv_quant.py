@@ -12,7 +12,8 @@ The recipe's accuracy steps, each optional (the kernel format is the same with o
   inputs' patch means, removed through the bias.
 - float_first: the units that read the image stay fp32 (their input would be quantized per
   tensor over three differently scaled colour channels, and every later unit amplifies the
-  error); the next unit quantizes their output.
+  error), as FloatConvAct (lathe.compress.fconv): BN folded, writing the u8 codes the next
+  unit reads.
 The input statistics of gptq / bias_correction come from the same pass as the activation
 ranges."""
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from lathe.compress.calibration import MinMaxObserver, make_observer
+from lathe.compress.fconv import FloatConvAct
 from lathe.compress.qconv import QConv2dInt8, affine_params
 from lathe.errors import BadInput
 
@@ -129,7 +131,7 @@ def _set_weights(q: QConv2dInt8, w: torch.Tensor, b: torch.Tensor, st, gptq: boo
     q.prepare()
 
 
-def quantize_convnet(model: nn.Module, batches: list, observer: str = "minmax", skip=(), equalize: bool = True,
+def quantize_convnet(model: nn.Module, batches: list, observer: str = "mse", skip=(), equalize: bool = True,
                      gptq: bool = True, bias_correction: bool = True, float_first: bool = True) -> dict:
     """In place. batches: [{"pixel_values": [B, 3, H, W]}]. Returns the report. The four flags:
     the module docstring."""
@@ -146,15 +148,16 @@ def quantize_convnet(model: nn.Module, batches: list, observer: str = "minmax", 
     # the units reading the image, unless a quantized unit adds their output as its residual
     # (the kernel takes an int8 residual only)
     first = [n for n, _ in all_units if graph[0].get(n) == "input" and n not in graph[1].values()]
-    skip = list(skip) + (first if float_first else [])
     units = [(n, m) for n, m in all_units if not any(fnmatch.fnmatch(n, p) for p in skip)]
+    # observed like the others, swapped for FloatConvAct
+    floats = {n for n, _ in units if n in first} if float_first else set()
     # a unit kept fp32 is not a producer of int8 inputs: trace the quantized ones alone
     prod, res, fed = graph if len(units) == len(all_units) else _trace(model, units, batches[0])
     report = {"method": "int8-static-conv", "observer": observer}
     if equalize:  # on every unit, fp32 ones too: it changes no output
         from lathe.compress.conv_equalize import equalize as equalize_
         report["equalize"] = equalize_(model, dict(all_units), *graph, batches)
-    patches = {n: PatchStats(m.conv) for n, m in units} if (gptq or bias_correction) else None
+    patches = {n: PatchStats(m.conv) for n, m in units if n not in floats} if (gptq or bias_correction) else None
     obs = _observe(model, units, batches, observer, patches)
     qp = {n: _qparams(obs[n]) for n, _ in units}
     in_qp = {n: affine_params(*(float(v) for v in obs[n][0].min_max())) for n, _ in units}
@@ -166,6 +169,9 @@ def quantize_convnet(model: nn.Module, batches: list, observer: str = "minmax", 
         r = res.get(n)
         if graph[1].get(n) is not None and r not in qp:
             raise BadInput(f"{n}: its residual does not come from an int8 conv unit")
+        if n in floats:
+            swapped[n] = FloatConvAct.from_unit(m, qp[n] if u8_out else None)
+            continue
         swapped[n] = QConv2dInt8.from_float(m.conv, m.bn, m.act, in_qparams=src_qp,
                                             out_qparams=qp[n] if u8_out else None,
                                             res_qparams=qp[r] if r else (1.0, 0), padding=m.padding,
@@ -175,8 +181,9 @@ def quantize_convnet(model: nn.Module, batches: list, observer: str = "minmax", 
     for n, q in swapped.items():
         parent, _, leaf = n.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, q)
-    report.update({"units": len(swapped), "int8_between_units": sum(q.out_scale > 0 for q in swapped.values()),
-                   "fp32_units": [n for n, _ in all_units if n not in swapped], "gptq": gptq,
+    report.update({"units": len(swapped) - len(floats),
+                   "int8_between_units": sum(q.out_scale > 0 for n, q in swapped.items() if n not in floats),
+                   "fp32_units": [n for n, _ in all_units if n not in swapped or n in floats], "gptq": gptq,
                    "bias_correction": bias_correction})
     if getattr(model, "classifier", None) is not None and isinstance(model.classifier, nn.Linear):
         from lathe.compress.modules import QLinearW8A8

@@ -49,7 +49,7 @@ def compress(source, rec, out, progress=None, n_calib: int = 64) -> Path:
         method = getattr(step, "method", "?")
         if method == "int8":
             from lathe.compress.conv_quant import quantize_convnet
-            reports.append(quantize_convnet(model, calib, getattr(step, "act_observer", None) or "minmax",
+            reports.append(quantize_convnet(model, calib, getattr(step, "act_observer", None) or "mse",
                                             getattr(step, "skip", []), equalize=step.conv_equalize,
                                             gptq=step.conv_gptq, bias_correction=step.conv_bias_correction,
                                             float_first=step.conv_float_first))

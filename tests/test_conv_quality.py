@@ -121,7 +121,7 @@ def test_equalize_keeps_fp32_outputs(through_relu6):
 def test_float_first_keeps_the_stem_fp32_unless_it_feeds_a_residual():
     from lathe import images
     from lathe.compress.conv_quant import quantize_convnet
-    from lathe.models.convnet import ConvBNAct
+    from lathe.compress.fconv import FloatConvAct
     m = _tiny()  # its block 0 adds the stem's output as a residual: the stem must be int8
     rep = quantize_convnet(m, images.batches(_imgs(8, 2), 4))
     assert rep["fp32_units"] == [] and rep["gptq"] and rep["bias_correction"]
@@ -131,7 +131,7 @@ def test_float_first_keeps_the_stem_fp32_unless_it_feeds_a_residual():
     torch.manual_seed(0)
     m = EfficientNetLite(cfg).eval()
     rep = quantize_convnet(m, images.batches(_imgs(8, 2), 4))
-    assert rep["fp32_units"] == ["stem"] and isinstance(m.stem, ConvBNAct)
+    assert rep["fp32_units"] == ["stem"] and isinstance(m.stem, FloatConvAct) and m.stem.out_scale > 0
 
 
 def test_recipe_steps_lower_the_error_on_the_tiny_model():
@@ -181,7 +181,7 @@ def test_fp32_stem_reloads_and_exports(tmp_path):
     from lathe import vision
     from lathe.export.trt_lint import lint
     from lathe.export.vision import export
-    from lathe.models.convnet import ConvBNAct
+    from lathe.compress.fconv import FloatConvAct
     from lathe.models.efficientnet import EfficientNetLite
     from test_efficientnet import TINY
     cfg = dict(TINY, stem_channels=8)
@@ -193,7 +193,7 @@ def test_fp32_stem_reloads_and_exports(tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     out = lathe.compress_checkpoint(src, "int8", tmp_path / "q")
     m = lathe.load(out)
-    assert isinstance(m.stem, ConvBNAct)
+    assert isinstance(m.stem, FloatConvAct)
     x = _imgs(4, 3)
     assert vision.quality(vision.logits(lathe.load(src), x), vision.logits(m, x))["cosine_mean"] > 0.98
     for target in ("onnxruntime", "tensorrt"):
@@ -216,3 +216,33 @@ def test_prune_refit_lowers_the_error_of_the_pruned_model():
         prune_channels(m, PruneChannelsConfig(flops_removed=0.3, multiple=4, distill_steps=0, refit=refit), calib)
         errs[refit] = float((vision.logits(m, x) - r).norm())
     assert errs[True] < errs[False], errs
+
+
+@pytest.mark.parametrize("C,act", [(8, "relu6"), (5, "relu"), (3, "none")])
+def test_float_conv_act_matches_its_unit_within_half_a_step(C, act):
+    """FloatConvAct = the ConvBNAct it replaces (BN folded: fp32 rounding only), and its u8
+    output is that rounded to the nearest code; a NaN image stays flagged."""
+    from lathe.compress.fconv import FloatConvAct
+    from lathe.compress.qconv import affine_params
+    from lathe.models.convnet import ConvBNAct
+    torch.manual_seed(0)
+    u = ConvBNAct(3, C, 3, 2, act=act).eval()
+    with torch.no_grad():
+        u.bn.running_mean.uniform_(-0.2, 0.2)
+        u.bn.running_var.uniform_(0.5, 1.5)
+        u.bn.weight.uniform_(0.5, 2)
+        u.bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 3, 17, 17)
+    with torch.no_grad():
+        ref = u(x)
+        ref64 = copy.deepcopy(u).double()(x.double())
+    f = FloatConvAct.from_unit(u)
+    y = f(x)
+    assert float((y.double() - ref64).abs().max()) <= 2 * float((ref.double() - ref64).abs().max()) + 1e-6
+    scale, zp = affine_params(float(ref.min()), float(ref.max()))
+    q = FloatConvAct.from_unit(u, (scale, zp))(x)
+    assert q.q.shape[-1] % 4 == 0 and q.C == C
+    assert float((q.dequantize() - ref).abs().max()) <= scale / 2 * (1 + 1e-5)
+    x[1, 0, 3, 3] = float("nan")
+    q = FloatConvAct.from_unit(u, (scale, zp))(x)
+    assert q.bad is not None and q.bad.tolist() == [False, True, False]
