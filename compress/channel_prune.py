@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lathe.compress.calibration import run_batches
 from lathe.compress.config import CONFIGS, register_handler
 from lathe.errors import BadInput
 
@@ -126,13 +127,7 @@ def _activation_means(model, batches) -> dict:
         def h(m, a, out, i=i):
             stats[i] = stats.get(i, 0) + out.detach().abs().mean((0, 2, 3))
         hooks.append(b.dw.register_forward_hook(h))
-    try:
-        with torch.no_grad():
-            for bt in batches:
-                model(**bt)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    run_batches(model, batches, hooks, {}, mode=torch.no_grad)
     return stats
 
 
@@ -149,13 +144,7 @@ def _moments(model, batches) -> dict:
             S, mu, n = st.get(i, (0, 0, 0))
             st[i] = (S + x.t() @ x, mu + x.sum(0), n + x.shape[0])
         hooks.append(b.dw.register_forward_hook(h))
-    try:
-        with torch.no_grad():
-            for bt in batches:
-                model(**bt)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    run_batches(model, batches, hooks, {}, mode=torch.no_grad)
     return {i: (S / n, mu / n) for i, (S, mu, n) in st.items()}
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-ACTS = ("relu", "relu6", "none")
+from lathe.compress.calibration import run_batches
+
 
 
 def streams(units: dict, prod: dict, res: dict, fed: dict) -> list[tuple[list, list]]:
@@ -65,13 +66,7 @@ def _channel_range(model, units: dict, names, batches) -> dict:
             lo, hi = o.amin((0, 2, 3)), o.amax((0, 2, 3))
             mx[n] = (lo, hi) if n not in mx else (torch.minimum(mx[n][0], lo), torch.maximum(mx[n][1], hi))
         hooks.append(units[n].register_forward_hook(h, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(**b)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_batches(model, batches, hooks, {}, mode=torch.no_grad)
     return mx
 
 

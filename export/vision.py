@@ -92,6 +92,13 @@ class _Graph:
         return self.node("QuantizeLinear", [t, self.const(np.float32(scale), "s"),
                                             self.const(np.array(zp, dtype=dt), "z")], "q")
 
+    def act(self, y: str, act: str) -> str:
+        if act == "relu":
+            return self.node("Relu", [y], "relu")
+        if act == "relu6":
+            return self.node("Clip", [y, self.const(np.float32(0), "lo"), self.const(np.float32(6), "hi")], "relu6")
+        return y
+
     def conv_input(self, x: _Sym, m) -> str:
         """The fp32 tensor the Conv reads."""
         if self.target == "onnxruntime":
@@ -120,10 +127,7 @@ class _Graph:
                       group=m.groups)
         if residual is not None:
             y = self.node("Add", [y, self.dq(residual)], "add")
-        if m.act == "relu":
-            y = self.node("Relu", [y], "relu")
-        elif m.act == "relu6":
-            y = self.node("Clip", [y, self.const(np.float32(0), "lo"), self.const(np.float32(6), "hi")], "relu6")
+        y = self.act(y, m.act)
         if self.target == "onnxruntime" and m.out_scale > 0:
             return _Sym(self, self.quant(y, m.out_scale, m.out_zp, np.uint8), m.out_channels, OH, OW,
                         (m.out_scale, m.out_zp, np.uint8))
@@ -150,10 +154,7 @@ class _Graph:
                       group=groups)
         if residual is not None:
             y = self.node("Add", [y, self.dq(residual)], "add")
-        if m.act == "relu":
-            y = self.node("Relu", [y], "relu")
-        elif m.act == "relu6":
-            y = self.node("Clip", [y, self.const(np.float32(0), "lo"), self.const(np.float32(6), "hi")], "relu6")
+        y = self.act(y, m.act)
         if self.target == "onnxruntime" and getattr(m, "out_scale", 0) > 0:
             return _Sym(self, self.quant(y, m.out_scale, m.out_zp, np.uint8), C, OH, OW,
                         (m.out_scale, m.out_zp, np.uint8))
