@@ -247,3 +247,13 @@ def test_float_conv_act_matches_its_unit_within_half_a_step(C, act):
     x[1, 0, 3, 3] = float("nan")
     q = FloatConvAct.from_unit(u, (scale, zp))(x)
     assert q.bad is not None and q.bad.tolist() == [False, True, False]
+
+
+def test_recipe_fields_are_checked():
+    from lathe.compress.config import config_from_dict
+    from lathe.errors import BadInput
+    assert config_from_dict({"method": "int8", "conv_equalize": False}).conv_equalize is False
+    with pytest.raises(BadInput, match="conv_gptq"):
+        config_from_dict({"method": "int8", "conv_gptq": "yes"})
+    with pytest.raises(BadInput, match="refit"):
+        config_from_dict({"method": "prune-channels", "refit": 1})
