@@ -4,8 +4,12 @@ plus the norm of the projection column that reads it; activation: mean |output| 
 depthwise unit on the calibration images) and the least important are removed from the expand
 conv + BN, the depthwise conv + BN and the projection's inputs. The width kept is a multiple
 of `multiple` (16: whole vector lanes for the int8 kernels). The keep ratio is searched so that
-`flops_removed` of the model's multiply-adds go; then BatchNorm statistics are re-estimated and
-the pruned model is distilled briefly (KL on logits) from the original on the sample images."""
+`flops_removed` of the model's multiply-adds go. With refit (default), each block's projection
+is then refitted by least squares to give, from the channels kept, the output it gave from all
+of them on the calibration images (He et al. 2017 / ThiNet's reconstruction: closed form from
+the second moments of the depthwise outputs, one pass); recalibrate_bn re-estimates the
+BatchNorm statistics; the pruned model is then distilled briefly (KL on logits) from the
+original on the sample images."""
 from __future__ import annotations
 
 import copy
@@ -34,6 +38,8 @@ class PruneChannelsConfig:
     distill_steps: int = 40
     lr: float = 1e-4
     batch_size: int = 16
+    refit: bool = True
+    recalibrate_bn: bool = False
 
     def __post_init__(self):
         if not isinstance(self.flops_removed, (int, float)) or not 0.0 < self.flops_removed < 0.9:
@@ -42,6 +48,9 @@ class PruneChannelsConfig:
             raise BadInput(f"prune-channels.importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
         if not isinstance(self.multiple, int) or self.multiple < 1:
             raise BadInput(f"prune-channels.multiple must be a positive integer, got {self.multiple!r}")
+        for f in ("refit", "recalibrate_bn"):
+            if not isinstance(getattr(self, f), bool):
+                raise BadInput(f"prune-channels.{f} must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.distill_steps, int) or self.distill_steps < 0:
             raise BadInput(f"prune-channels.distill_steps must be >= 0, got {self.distill_steps!r}")
 
@@ -122,13 +131,47 @@ def _activation_means(model, batches) -> dict:
     return stats
 
 
+def _moments(model, batches) -> dict:
+    """Per expanding block: E[h h^T] and E[h] of the projection's input h (the depthwise
+    output, channels as features), float64."""
+    st, hooks = {}, []
+    for i, b in enumerate(model.blocks):
+        if b.expand is None:
+            continue
+
+        def h(m, a, out, i=i):
+            x = out.detach().double().permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+            S, mu, n = st.get(i, (0, 0, 0))
+            st[i] = (S + x.t() @ x, mu + x.sum(0), n + x.shape[0])
+        hooks.append(b.dw.register_forward_hook(h))
+    run_batches(model, batches, hooks, {}, mode=torch.no_grad)
+    return {i: (S / n, mu / n) for i, (S, mu, n) in st.items()}
+
+
+def _refit(block, idx, W: torch.Tensor, S: torch.Tensor, mu: torch.Tensor, damp: float = 1e-4):
+    """Projection weight over the kept channels idx minimising E||W h - W' h[idx] - d||^2
+    (W [N, C]: the unpruned projection; d: a per-output offset, moved into the BatchNorm's
+    running mean). Affine least squares from the moments S = E[h h^T], mu = E[h] of the
+    unpruned model; call after _take."""
+    W = W.double()
+    C = S - torch.outer(mu, mu)  # covariance: the offset d takes the means
+    Ck = C[idx][:, idx]
+    Ck = Ck + damp * Ck.diagonal().mean().clamp(min=1e-12) * torch.eye(len(idx), dtype=Ck.dtype)
+    Wk = torch.linalg.solve(Ck, (W @ C[:, idx]).t()).t()  # [N, k]
+    d = W @ mu - Wk @ mu[idx]
+    with torch.no_grad():
+        block.project.conv.weight.copy_(Wk[:, :, None, None].to(block.project.conv.weight.dtype))
+        block.project.bn.running_mean.sub_(d.float())  # bn((z + d) - mean) = bn(z - (mean - d))
+
+
 def _keep(hidden: int, keep: float, multiple: int) -> int:
     k = int(round(hidden * keep / multiple)) * multiple
     return max(multiple, min(hidden, k))
 
 
-def shrink(model, keep: float, cfg: PruneChannelsConfig, act_means=None) -> list:
-    """Prunes every expanding block to keep x its width (rounded to cfg.multiple), in place."""
+def shrink(model, keep: float, cfg: PruneChannelsConfig, act_means=None, moments=None) -> list:
+    """Prunes every expanding block to keep x its width (rounded to cfg.multiple), in place;
+    moments (from _moments): refit each projection on the channels kept."""
     widths = []
     for i, b in enumerate(model.blocks):
         if b.expand is None:
@@ -140,7 +183,10 @@ def shrink(model, keep: float, cfg: PruneChannelsConfig, act_means=None) -> list
         idx = torch.sort(torch.topk(score, k).indices).values
         _take(b.expand, idx, out=True)
         _take(b.dw, idx, out=True)
+        w_full = b.project.conv.weight.detach()[:, :, 0, 0].clone()
         _take(b.project, idx, out=False)
+        if moments is not None:
+            _refit(b, idx, w_full, *moments[i])
         widths.append(k)
     return widths
 
@@ -204,10 +250,11 @@ def prune_channels(model, cfg: PruneChannelsConfig, calib, progress=None, ctx=No
             lo = mid
         else:
             hi = mid
-    widths = shrink(model, lo, cfg, act)
+    widths = shrink(model, lo, cfg, act, _moments(model, calib) if cfg.refit else None)
     after = conv_macs(model, size)
     model.config["expand_channels"] = widths
-    _recalibrate_bn(model, calib)
+    if cfg.recalibrate_bn:
+        _recalibrate_bn(model, calib)
     losses = _distill(model, teacher, calib, cfg.distill_steps, cfg.lr)
     return {"method": "prune-channels", "importance": cfg.importance, "keep_ratio": round(lo, 4),
             "macs_before": before, "macs_after": after, "flops_removed": 1 - after / before,

@@ -25,7 +25,13 @@ class Int8Config:
     the group's quantized output error on up to search_rows calibration tokens
     (lathe.compress.alpha_search); alpha is then unused. act_observer (minmax, percentile,
     mse, entropy; None: off): also calibrate a static per-tensor scale of each layer's
-    smoothed input, recorded in the report (act_scales) for static-activation exports."""
+    smoothed input, recorded in the report (act_scales) for static-activation exports.
+
+    CNNs (lathe.compress.conv_quant, static per-tensor activations) read act_observer (None:
+    mse), skip and the conv_* fields: conv_gptq (error-aware weight rounding), conv_bias_correction
+    (the rounding's mean output shift removed), conv_float_first (the units that read the image stay
+    fp32), conv_equalize (range equalization of the activations written without ReLU6, e.g.
+    the MBConv residual streams: exact in fp32). The ablation: bench/results/efficientnet-lite0-quality.md."""
 
     method: ClassVar[str] = "int8"
     smoothquant: bool = True
@@ -38,8 +44,14 @@ class Int8Config:
     fuse_act: bool = True
     fuse_qkv: bool = True  # one GEMM for query/key/value (exact; needs no layer skipped)
     skip: list = field(default_factory=list)  # fnmatch patterns of module names kept in fp32
+    conv_gptq: bool = True
+    conv_bias_correction: bool = True
+    conv_float_first: bool = True
+    conv_equalize: bool = True
 
     def __post_init__(self):
+        for f in ("conv_gptq", "conv_bias_correction", "conv_float_first", "conv_equalize"):
+            _check_bool("int8", f, getattr(self, f))
         if self.alpha == "search":
             self.alpha, self.alpha_search = 0.5, True
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
@@ -76,7 +88,8 @@ def register_handler(config_type: type):
 # lazily so `import lathe.compress.config` stays light.
 PLUGINS = ("lathe.compress.quantize", "lathe.compress.weight_only", "lathe.compress.prune",
            "lathe.compress.structured", "lathe.compress.lowrank", "lathe.compress.distill",
-           "lathe.compress.channel_prune", "lathe.compress.qconv", "lathe.compress.generic_conv")
+           "lathe.compress.channel_prune", "lathe.compress.qconv", "lathe.compress.generic_conv",
+           "lathe.compress.fconv")
 
 
 def ensure_registered():

@@ -92,6 +92,13 @@ class _Graph:
         return self.node("QuantizeLinear", [t, self.const(np.float32(scale), "s"),
                                             self.const(np.array(zp, dtype=dt), "z")], "q")
 
+    def act(self, y: str, act: str) -> str:
+        if act == "relu":
+            return self.node("Relu", [y], "relu")
+        if act == "relu6":
+            return self.node("Clip", [y, self.const(np.float32(0), "lo"), self.const(np.float32(6), "hi")], "relu6")
+        return y
+
     def conv_input(self, x: _Sym, m) -> str:
         """The fp32 tensor the Conv reads."""
         if self.target == "onnxruntime":
@@ -125,14 +132,38 @@ class _Graph:
                       group=m.groups)
         if residual is not None:
             y = self.node("Add", [y, self.dq(residual)], "add")
-        if m.act == "relu":
-            y = self.node("Relu", [y], "relu")
-        elif m.act == "relu6":
-            y = self.node("Clip", [y, self.const(np.float32(0), "lo"), self.const(np.float32(6), "hi")], "relu6")
+        y = self.act(y, m.act)
         if self.target == "onnxruntime" and m.out_scale > 0:
             return _Sym(self, self.quant(y, m.out_scale, m.out_zp, np.uint8), m.out_channels, OH, OW,
                         (m.out_scale, m.out_zp, np.uint8))
         return _Sym(self, y, m.out_channels, OH, OW)
+
+    def float_conv(self, m, x: _Sym, residual=None) -> _Sym:
+        """A unit kept fp32: FloatConvAct (BN folded, u8 or fp32 out) or a ConvBNAct the recipe
+        skipped (BN folded here, fp32 out)."""
+        from lathe.compress.conv_quant import fold_bn
+        from lathe.compress.fconv import FloatConvAct
+        from lathe.models.convnet import conv_geometry
+
+        if isinstance(m, FloatConvAct):
+            k, s, groups, C = m.kernel_size, m.stride, m.groups, m.out_channels
+            w, b = m.weight, m.bias
+        else:
+            k, s, groups, C = m.k, m.stride, m.conv.groups, m.conv.out_channels
+            w, b = fold_bn(m.conv, m.bn)
+        pt, pl, OH, OW = conv_geometry(x.H, x.W, k, s, m.padding)
+        pb, pr = (OH - 1) * s + k - x.H - pt, (OW - 1) * s + k - x.W - pl
+        y = self.node("Conv", [self.dq(x), self.const(w.detach().numpy().astype(np.float32), "w"),
+                               self.const(b.detach().numpy().astype(np.float32), "b")], "conv",
+                      kernel_shape=[k, k], strides=[s, s], pads=[pt, pl, max(pb, 0), max(pr, 0)],
+                      group=groups)
+        if residual is not None:
+            y = self.node("Add", [y, self.dq(residual)], "add")
+        y = self.act(y, m.act)
+        if self.target == "onnxruntime" and getattr(m, "out_scale", 0) > 0:
+            return _Sym(self, self.quant(y, m.out_scale, m.out_zp, np.uint8), C, OH, OW,
+                        (m.out_scale, m.out_zp, np.uint8))
+        return _Sym(self, y, C, OH, OW)
 
 
 def export_int8(model, out: Path, target: str = "onnxruntime", size: int = 224, opset: int = 18) -> Path:
@@ -146,12 +177,21 @@ def export_int8(model, out: Path, target: str = "onnxruntime", size: int = 224, 
 
     g = _Graph(target)
     x = _Sym(g, "pixel_values", 3, size, size)
+    from lathe.models.convnet import ConvBNAct
+
     prev = qconv.GRAPH_HOOK
-    qconv.GRAPH_HOOK = lambda m, a, res: g.conv(m, a, res)
+    from lathe.compress.fconv import FloatConvAct
+
+    qconv.GRAPH_HOOK = lambda m, a, res: g.float_conv(m, a, res) if isinstance(m, FloatConvAct) else g.conv(m, a, res)
+    floats = [m for m in model.modules() if isinstance(m, ConvBNAct)]  # units a recipe's skip kept
+    for m in floats:
+        m.forward = lambda a, residual=None, m=m: g.float_conv(m, a, residual)
     try:
         h = model.features(x)
     finally:
         qconv.GRAPH_HOOK = prev
+        for m in floats:
+            del m.forward  # back to the class's forward
     pooled = g.node("GlobalAveragePool", [g.dq(h)], "pool")
     flat = g.node("Flatten", [pooled], "flat", axis=1)
     cls = model.classifier

@@ -3,6 +3,8 @@ files inside its wheel, never the pooch-fetched ones) with deterministic crops, 
 colour changes, resized to size x size and ImageNet-normalised."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +20,13 @@ STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
 
 def sample(name: str) -> torch.Tensor:
-    """One bundled image as float [3, H, W] in [0, 1]."""
+    """One bundled image as float [3, H, W] in [0, 1] (a fresh copy of the decoded file)."""
+    return _decoded(name).clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _decoded(name: str) -> torch.Tensor:
+    """Decoded once a process: the ~20 samples (a few MB) are read by every image set."""
     import os
 
     import numpy as np

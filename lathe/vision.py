@@ -58,8 +58,10 @@ def compress(source, rec, out, progress=None, n_calib: int = 64) -> Path:
         method = getattr(step, "method", "?")
         if method == "int8":
             from lathe.compress.conv_quant import quantize_convnet
-            reports.append(quantize_convnet(model, calib, getattr(step, "act_observer", None) or "minmax",
-                                            getattr(step, "skip", [])))
+            reports.append(quantize_convnet(model, calib, getattr(step, "act_observer", None) or "mse",
+                                            getattr(step, "skip", []), equalize=step.conv_equalize,
+                                            gptq=step.conv_gptq, bias_correction=step.conv_bias_correction,
+                                            float_first=step.conv_float_first))
         elif method == "prune-channels":
             from lathe.compress.channel_prune import prune_channels
             reports.append(prune_channels(model, step, calib, progress))

@@ -1,0 +1,99 @@
+"""FloatConvAct: a conv unit the int8 recipe keeps in fp32 (the one reading the image, see
+lathe.compress.conv_quant's float_first), lean: BatchNorm folded into the weight and bias, the
+activation applied in place, channels_last so the output is already NHWC, and, when its
+consumers are int8 units, the output quantized straight to the u8 NHWC codes they read (a
+QAct), so the next unit quantizes nothing."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lathe.compress.modules import register_module
+from lathe.errors import BadInput
+
+
+class FloatConvAct(nn.Module):
+    """Buffers: weight fp32 [N, C/groups, k, k] and bias [N] (BN folded). out_scale 0: fp32
+    NCHW output (channels_last memory); > 0: QAct with (out_scale, out_zp)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding="same", groups: int = 1, act: str = "none", out_scale: float = 0.0, out_zp: int = 0):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.stride, self.padding, self.groups, self.act = stride, padding, groups, act
+        self.out_scale, self.out_zp = out_scale, out_zp
+        self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.register_buffer("bias", torch.zeros(out_channels))
+
+    @classmethod
+    def from_unit(cls, unit, out_qparams=None):
+        """unit: a ConvBNAct (conv + BN + act, lathe.models.convnet)."""
+        from lathe.compress.conv_quant import fold_bn
+
+        c = unit.conv
+        out_scale, out_zp = out_qparams if out_qparams is not None else (0.0, 0)
+        m = cls(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], unit.padding, c.groups, unit.act,
+                float(out_scale), int(out_zp))
+        w, b = fold_bn(c, unit.bn)
+        m.weight.copy_(w)
+        m.bias.copy_(b)
+        return m
+
+    def manifest_args(self) -> dict:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "groups": self.groups, "act": self.act, "out_scale": self.out_scale, "out_zp": self.out_zp}
+
+    def prepare(self, dtype=None):
+        return self
+
+    def forward(self, x, residual=None):
+        from lathe.compress import qconv
+        from lathe.models.convnet import conv_geometry
+
+        if qconv.GRAPH_HOOK is not None:  # an ONNX export is tracing: lathe.export.vision
+            return qconv.GRAPH_HOOK(self, x, residual)
+        if residual is not None:
+            raise BadInput("FloatConvAct takes no residual")
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise BadInput(f"fp32 conv expects [B, {self.in_channels}, H, W], got "
+                           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        H, W = x.shape[-2:]
+        k, s = self.kernel_size, self.stride
+        pt, pl, oh, ow = conv_geometry(H, W, k, s, self.padding)
+        pb, pr = (oh - 1) * s + k - H - pt, (ow - 1) * s + k - W - pl
+        x = x.float().contiguous(memory_format=torch.channels_last)
+        if pt or pl or pb > 0 or pr > 0:
+            x = F.pad(x, (pl, max(pr, 0), pt, max(pb, 0)))
+        y = F.conv2d(x, self.weight, self.bias, s, 0, 1, self.groups)
+        if self.act == "relu":
+            y = y.relu_()
+        elif self.act == "relu6":
+            y = y.clamp_(0.0, 6.0)
+        if self.out_scale <= 0:
+            return y
+        return self._quantize(y)
+
+    def _quantize(self, y):
+        """NHWC u8 codes of y (channels_last), padded to a multiple of 4 channels; NaN images
+        flagged as quantize_input flags them."""
+        from lathe.compress.qconv import QAct
+
+        B, C = y.shape[:2]
+        bad = ~torch.isfinite(y.sum((1, 2, 3)))
+        t = y.permute(0, 2, 3, 1)  # NHWC view, contiguous for a channels_last y
+        if bad.any():
+            t = torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+        q = t.mul(1.0 / self.out_scale).round_().add_(self.out_zp).clamp_(0, 255).to(torch.uint8)
+        C4 = -(-C // 4) * 4
+        if C4 != C:
+            q = torch.cat([q, q.new_full((*q.shape[:3], C4 - C), self.out_zp)], -1)
+        return QAct(q.contiguous(), C, self.out_scale, self.out_zp, bad if bad.any() else None)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, s={self.stride}, fp32, "
+                f"act={self.act}, out={'u8' if self.out_scale > 0 else 'fp32'}")
+
+
+register_module(FloatConvAct)
