@@ -67,6 +67,8 @@ class FloatConvAct(nn.Module):
         if pt or pl or pb > 0 or pr > 0:
             x = F.pad(x, (pl, max(pr, 0), pt, max(pb, 0)))
         y = F.conv2d(x, self.weight, self.bias, s, 0, 1, self.groups)
+        if self._act_in_codes():
+            return self._quantize(y)
         if self.act == "relu":
             y = y.relu_()
         elif self.act == "relu6":
@@ -74,6 +76,13 @@ class FloatConvAct(nn.Module):
         if self.out_scale <= 0:
             return y
         return self._quantize(y)
+
+    def _act_in_codes(self) -> bool:
+        """The u8 clamp [0, 255] already is the ReLU/ReLU6 (zero point 0, 255 codes within 6):
+        the same codes without a pass over the fp32 output."""
+        if self.out_scale <= 0 or self.out_zp != 0:
+            return False
+        return self.act == "relu" or (self.act == "relu6" and 255 * self.out_scale <= 6.0)
 
     def _quantize(self, y):
         """NHWC u8 codes of y (channels_last), padded to a multiple of 4 channels; NaN images

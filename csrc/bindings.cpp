@@ -184,7 +184,12 @@ PYBIND11_MODULE(_C, m) {
       .def("run", [](lathe::ConvChain& c, uintptr_t x, int64_t B, int64_t H, int64_t W, uintptr_t out, uintptr_t bad,
                      int nthreads) {
         py::gil_scoped_release nogil;
-        c.run(ptr<const float>(x), B, H, W, ptr<void>(out), ptr<uint8_t>(bad), nthreads);
+        c.run(ptr<const float>(x), nullptr, B, H, W, ptr<void>(out), ptr<uint8_t>(bad), nthreads);
+      })
+      .def("run_codes", [](lathe::ConvChain& c, uintptr_t codes, int64_t B, int64_t H, int64_t W, uintptr_t out,
+                           uintptr_t bad, int nthreads) {
+        py::gil_scoped_release nogil;
+        c.run(nullptr, ptr<const uint8_t>(codes), B, H, W, ptr<void>(out), ptr<uint8_t>(bad), nthreads);
       });
 
   m.def(

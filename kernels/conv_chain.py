@@ -11,6 +11,7 @@ calling one runs it alone. chain_layer()'s dict: depthwise, C, N, k, stride, pad
 an int), packed, wsum, w_scale, bias, act, in/out scale and zero point, out_hw(h, w)."""
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -59,10 +60,14 @@ class ConvChain:
 
     def run_cpu(self, x: torch.Tensor):
         from lathe.kernels import cpu_conv
+        if x.dtype == torch.uint8:
+            return cpu_conv.run_chain_codes(self._cpp_chain(), x.contiguous())
         return cpu_conv.run_chain(self._cpp_chain(), x.float().contiguous())
 
     def run_modules(self, x: torch.Tensor):
         """The units one by one: the same (NHWC output, bad images)."""
+        if x.dtype == torch.uint8:  # codes: the first units requantize them exactly at the same (scale, zp)
+            x = ((x[..., :self.in_channels].float() - self.in_zp) * self.in_scale).permute(0, 3, 1, 2)
         outs = []
         for m, s, r in self.steps:
             outs.append(m(x if s < 0 else outs[s], residual=None if r < 0 else outs[r]))
@@ -79,10 +84,20 @@ class ConvChain:
         u8 = last["out_scale"] > 0
         return (*hw[-1], -(-last["N"] // 4) * 4 if u8 else last["N"], u8)
 
-    def __call__(self, x: torch.Tensor):
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+    def __call__(self, x):
+        """x: fp32 images [B, C, H, W], or the u8 NHWC codes an fp32 first layer wrote at this
+        chain's input quantization (a lathe.compress.qconv.QAct: q, C, scale, zp, bad)."""
+        bad_in = None
+        if hasattr(x, "q"):
+            if x.C != self.in_channels or x.zp != self.in_zp or not math.isclose(x.scale, self.in_scale, rel_tol=1e-6):
+                raise BadInput(f"int8 chain: its input codes ({x.C} channels, scale {x.scale}, zp {x.zp}) are not "
+                               f"the quantization its first units read ({self.in_channels}, {self.in_scale}, {self.in_zp})")
+            x, bad_in = x.q, x.bad
+        elif x.dim() != 4 or x.shape[1] != self.in_channels:
             raise BadInput(f"int8 conv expects [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         y, bad = torch.ops.lathe.conv_chain_int8(x, self.key)
+        if bad_in is not None:
+            bad = bad | bad_in
         return self.steps[-1][0].wrap_output(y, bad if bad.any() else None)
 
 
@@ -105,11 +120,11 @@ def int8_chain(owner, steps_fn) -> ConvChain | None:
 
 @torch.library.custom_op("lathe::conv_chain_int8", mutates_args=())
 def conv_chain_int8(x: torch.Tensor, chain: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: fp32 images [B, C, H, W] -> (the chain's last output, NHWC: fp32 [B, OH, OW, N] or u8
-    [B, OH, OW, N4] codes; bool [B]: the images that held a NaN or Inf)."""
+    """x: fp32 images [B, C, H, W] (or u8 NHWC codes [B, H, W, C4] at the chain's input
+    quantization) -> (the chain's last output, NHWC: fp32 [B, OH, OW, N] or u8 [B, OH, OW, N4]
+    codes; bool [B]: the images that held a NaN or Inf)."""
     c = _chain(chain)
-    if x.dim() != 4 or x.shape[1] != c.in_channels:
-        raise BadInput(f"conv_chain_int8: expected images [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
+    _check_input(x, c)
     if backend_for("conv2d_int8", x.device) == "cpu":
         return c.run_cpu(x)
     return c.run_modules(x)
@@ -118,9 +133,23 @@ def conv_chain_int8(x: torch.Tensor, chain: int) -> tuple[torch.Tensor, torch.Te
 @conv_chain_int8.register_fake
 def _(x, chain):
     c = _chain(chain)
-    OH, OW, ld, u8 = c.out_shape(x.shape[-2], x.shape[-1])
+    _check_input(x, c)
+    OH, OW, ld, u8 = c.out_shape(*_hw(x))
     return (x.new_empty(x.shape[0], OH, OW, ld, dtype=torch.uint8 if u8 else torch.float32),
             x.new_empty(x.shape[0], dtype=torch.bool))
+
+
+def _hw(x: torch.Tensor) -> tuple[int, int]:
+    return (x.shape[1], x.shape[2]) if x.dtype == torch.uint8 else (x.shape[-2], x.shape[-1])
+
+
+def _check_input(x: torch.Tensor, c: ConvChain):
+    c4 = -(-c.in_channels // 4) * 4
+    if x.dtype == torch.uint8:
+        if x.dim() != 4 or x.shape[-1] != c4:
+            raise BadInput(f"conv_chain_int8: expected u8 codes [B, H, W, {c4}], got {tuple(x.shape)}")
+    elif x.dim() != 4 or x.shape[1] != c.in_channels:
+        raise BadInput(f"conv_chain_int8: expected images [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
 
 
 def _chain(key: int) -> ConvChain:

@@ -22,14 +22,19 @@ def _isa(isa):
     return force_isa(isa)
 
 
-@pytest.fixture(scope="module")
-def qmodel():
+@pytest.fixture(scope="module", params=[True, False], ids=["fp32-stem", "int8-stem"])
+def qmodel(request):
+    """float_first: the stem stays fp32 and writes the codes the chain of the rest reads; else
+    the whole network is one chain from the images. (A stem of 8 channels: TINY's 16 would feed
+    the first block's residual, which keeps it int8.)"""
     from test_efficientnet import _images, _tiny
 
     from lathe import images
     from lathe.compress.conv_quant import quantize_convnet
-    m = _tiny(seed=1)
-    quantize_convnet(m, images.batches(_images(8), 4))
+    from lathe.compress.fconv import FloatConvAct
+    m = _tiny(seed=1, stem_channels=8 if request.param else 16)
+    quantize_convnet(m, images.batches(_images(8), 4), float_first=request.param)
+    assert isinstance(m.stem, FloatConvAct) == request.param
     return m
 
 
@@ -84,6 +89,8 @@ def test_fake_shapes_and_bad_chains(qmodel):
     c = qconv._OWNED.get(qmodel) or qconv.int8_chain(qmodel, qmodel.int8_steps)
     x = _x(2, 65, 64)
     with torch.inference_mode():
+        if c.in_channels != 3:  # an fp32 stem: the chain reads its u8 NHWC codes
+            x = qmodel.stem(x).q
         y, bad = torch.ops.lathe.conv_chain_int8(x, c.key)
     with FakeTensorMode() as mode:
         fy, fbad = torch.ops.lathe.conv_chain_int8(mode.from_tensor(x), c.key)

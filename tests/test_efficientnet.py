@@ -14,10 +14,10 @@ TINY = {"model_type": "efficientnet-lite", "stages": [[1, 3, 1, 1, 16], [1, 3, 2
         "stem_channels": 16, "head_channels": 64, "num_classes": 10, "image_size": 64}
 
 
-def _tiny(seed=0):
+def _tiny(seed=0, **config):
     from lathe.models.efficientnet import EfficientNetLite
     torch.manual_seed(seed)
-    m = EfficientNetLite(dict(TINY)).eval()
+    m = EfficientNetLite(dict(TINY, **config)).eval()
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             with torch.no_grad():

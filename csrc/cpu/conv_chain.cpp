@@ -126,8 +126,9 @@ void ConvChain::plan(int64_t B, int64_t H, int64_t W) {
   key_B_ = B, key_H_ = H, key_W_ = W;
 }
 
-void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, uint8_t* bad, int nthreads) {
-  check(x && out && !layers_.empty(), "conv chain: null pointer or no layers");
+void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, int64_t W, void* out, uint8_t* bad,
+                     int nthreads) {
+  check((x || codes) && out && bad && !layers_.empty(), "conv chain: null pointer or no layers");
   check(B >= 0 && H > 0 && W > 0, "conv chain: bad image shape");
   if (B == 0) return;
   std::lock_guard<std::mutex> lock(mu_);
@@ -136,13 +137,19 @@ void ConvChain::run(const float* x, int64_t B, int64_t H, int64_t W, void* out, 
   uint8_t* base = arena_.data() + (64 - reinterpret_cast<uintptr_t>(arena_.data()) % 64) % 64;
   // The calling thread runs the layers; the pool's workers claim chunks of each layer's loop.
   auto body = [&] {
-    quantize_nchw_u8(x, B, in_c_, H, W, in_scale_, in_zp_, base + off_[0], c4(in_c_), nthreads, bad);
+    const uint8_t* in = codes;
+    if (codes) {
+      std::fill(bad, bad + B, uint8_t{0});
+    } else {
+      quantize_nchw_u8(x, B, in_c_, H, W, in_scale_, in_zp_, base + off_[0], c4(in_c_), nthreads, bad);
+      in = base + off_[0];
+    }
     const int L = static_cast<int>(layers_.size());
     for (int i = 0; i < L; ++i) {
       const ChainLayer& l = layers_[i];
       const Geo& g = geo_[i];
       ConvArgs a;
-      a.x = base + off_[l.src + 1];
+      a.x = l.src < 0 ? in : base + off_[l.src + 1];
       a.B = B, a.H = g.H, a.W = g.W, a.C = l.C, a.ldc = c4(l.C);
       a.x_scale = l.src < 0 ? in_scale_ : layers_[l.src].out_scale;
       a.x_zp = l.src < 0 ? in_zp_ : layers_[l.src].out_zp;

@@ -36,8 +36,11 @@ class ConvChain {
   // (OH, OW, channel stride, is_u8) of the last layer for B images of H x W.
   std::vector<int64_t> out_shape(int64_t H, int64_t W) const;
   // x: fp32 NCHW [B, in_channels, H, W]; out: the last layer's u8 [B, OH, OW, N4] or fp32 [B, OH, OW, N];
-  // bad: u8 [B], 1 for the images that held a NaN or Inf.
-  void run(const float* x, int64_t B, int64_t H, int64_t W, void* out, uint8_t* bad, int nthreads);
+  // bad: u8 [B], 1 for the images that held a NaN or Inf. codes (x null): the input already as u8
+  // NHWC [B, H, W, in_channels rounded up to 4] codes at (in_scale, in_zp), e.g. written by an fp32
+  // first layer; bad is then all 0 (the caller knows its own).
+  void run(const float* x, const uint8_t* codes, int64_t B, int64_t H, int64_t W, void* out, uint8_t* bad,
+           int nthreads);
   int64_t arena_bytes() const { return static_cast<int64_t>(arena_.size()); }
 
  private:

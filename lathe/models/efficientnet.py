@@ -104,6 +104,9 @@ class EfficientNetLite(nn.Module):
         chain = int8_chain(self, self.int8_steps)  # quantized: every conv in one op
         if chain is not None:
             return chain(x)
+        rest = int8_chain(self, self._int8_steps_after_stem)  # an fp32 stem writing u8 codes
+        if rest is not None and getattr(self.stem, "out_scale", 0) > 0:
+            return rest(self.stem(x))
         x = self.stem(x)
         for b in self.blocks:
             x = b(x)
@@ -121,6 +124,13 @@ class EfficientNetLite(nn.Module):
             steps.append((b.project, len(steps) - 1, inp if b.skip else -1))
         steps.append((self.head, len(steps) - 1, -1))
         return steps
+
+    def _int8_steps_after_stem(self):
+        """int8_steps() without the stem (kept fp32 by the recipe): the stem's codes are the input."""
+        steps = self.int8_steps()
+        if callable(getattr(self.stem, "chain_layer", None)) or any(r == 0 for _, _, r in steps):
+            return []  # an int8 stem (the full chain), or its codes read again as a residual
+        return [(m, s - 1, r - 1 if r >= 0 else -1) for m, s, r in steps[1:]]
 
     def pool(self, h):
         """Global average over the spatial positions (NCHW or lathe's int8 NHWC output)."""
