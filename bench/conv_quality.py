@@ -111,9 +111,8 @@ def main(argv=None) -> int:
     doc = run(a.configs, n_images=a.images)
     print(table(doc))
     if a.json:
-        from lathe.io import atomic_file
-        with atomic_file(Path(a.json)) as t:
-            t.write_text(json.dumps(doc, indent=2))
+        from lathe.io import write_text
+        write_text(Path(a.json), json.dumps(doc, indent=2))
     return 0
 
 

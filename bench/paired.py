@@ -46,12 +46,9 @@ def main(argv=None) -> int:
           f"(quartiles {res['ratio_q25']:.3f}-{res['ratio_q75']:.3f}); "
           f"A {res['a_p50_ms']:.1f} ms, B {res['b_p50_ms']:.1f} ms")
     if args.json:
-        from pathlib import Path
+        from lathe.io import write_text
 
-        from lathe.io import atomic_file
-
-        with atomic_file(Path(args.json)) as t:
-            t.write_text(json.dumps(res, indent=2))
+        write_text(args.json, json.dumps(res, indent=2))
     return 0
 
 

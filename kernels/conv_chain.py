@@ -60,9 +60,7 @@ class ConvChain:
 
     def run_cpu(self, x: torch.Tensor):
         from lathe.kernels import cpu_conv
-        if x.dtype == torch.uint8:
-            return cpu_conv.run_chain_codes(self._cpp_chain(), x.contiguous())
-        return cpu_conv.run_chain(self._cpp_chain(), x.float().contiguous())
+        return cpu_conv.run_chain(self._cpp_chain(), x.contiguous() if x.dtype == torch.uint8 else x.float().contiguous())
 
     def run_modules(self, x: torch.Tensor):
         """The units one by one: the same (NHWC output, bad images)."""

@@ -62,22 +62,15 @@ def chain(in_channels: int, in_scale: float, in_zp: int, layers):
     return c
 
 
-def run_chain_codes(c, codes: torch.Tensor):
-    """codes: u8 NHWC [B, H, W, C4] at the chain's input quantization -> (the last layer's NHWC
-    output, bool [B] all False: the caller knows its images' NaN/Inf)."""
-    B, H, W, _ = codes.shape
-    OH, OW, ld, u8 = c.out_shape(H, W)
-    out = torch.empty(B, OH, OW, ld, dtype=torch.uint8 if u8 else torch.float32)
-    bad = torch.empty(B, dtype=torch.uint8)
-    c.run_codes(codes.data_ptr(), B, H, W, out.data_ptr(), bad.data_ptr(), torch.get_num_threads())
-    return out, bad.bool()
-
-
 def run_chain(c, x: torch.Tensor):
-    """x fp32 contiguous NCHW -> (the last layer's NHWC output, bool [B]: images with NaN/Inf)."""
-    B, _, H, W = x.shape
+    """x: fp32 contiguous NCHW images, or u8 NHWC codes [B, H, W, C4] at the chain's input
+    quantization -> (the last layer's NHWC output, bool [B]: images with NaN/Inf; all False for
+    codes, whose caller knows its images')."""
+    codes = x.dtype == torch.uint8
+    B, H, W = (x.shape[0], *x.shape[1:3]) if codes else (x.shape[0], *x.shape[2:])
     OH, OW, ld, u8 = c.out_shape(H, W)
     out = torch.empty(B, OH, OW, ld, dtype=torch.uint8 if u8 else torch.float32)
     bad = torch.empty(B, dtype=torch.uint8)
-    c.run(x.data_ptr(), B, H, W, out.data_ptr(), bad.data_ptr(), torch.get_num_threads())
+    run = c.run_codes if codes else c.run
+    run(x.data_ptr(), B, H, W, out.data_ptr(), bad.data_ptr(), torch.get_num_threads())
     return out, bad.bool()

@@ -155,7 +155,8 @@ def main():
     text = "\n".join(lines)
     print(text)
     if a.md:
-        Path(a.md).write_text(text + "\n")
+        from lathe.io import write_text
+        write_text(a.md, text + "\n")  # temp file renamed into place
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def main():
     out = "\n".join(lines)
     print(out)
     if a.md:
-        Path(a.md).write_text(out + "\n")
+        from lathe.io import write_text
+        write_text(a.md, out + "\n")  # temp file renamed into place
 
 
 if __name__ == "__main__":

@@ -101,12 +101,11 @@ class EfficientNetLite(nn.Module):
     def features(self, x):
         check_images(x, self.cfg.image_size)
         from lathe.kernels.conv_chain import int8_chain
-        chain = int8_chain(self, self.int8_steps)  # quantized: every conv in one op
+        # quantized: every conv in one op; an fp32 stem writing u8 codes feeds the chain of the rest
+        float_stem = not hasattr(self.stem, "chain_layer") and getattr(self.stem, "out_scale", 0) > 0
+        chain = int8_chain(self, self._int8_steps_after_stem if float_stem else self.int8_steps)
         if chain is not None:
-            return chain(x)
-        rest = int8_chain(self, self._int8_steps_after_stem)  # an fp32 stem writing u8 codes
-        if rest is not None and getattr(self.stem, "out_scale", 0) > 0:
-            return rest(self.stem(x))
+            return chain(self.stem(x) if float_stem else x)
         x = self.stem(x)
         for b in self.blocks:
             x = b(x)
@@ -128,8 +127,8 @@ class EfficientNetLite(nn.Module):
     def _int8_steps_after_stem(self):
         """int8_steps() without the stem (kept fp32 by the recipe): the stem's codes are the input."""
         steps = self.int8_steps()
-        if callable(getattr(self.stem, "chain_layer", None)) or any(r == 0 for _, _, r in steps):
-            return []  # an int8 stem (the full chain), or its codes read again as a residual
+        if any(r == 0 for _, _, r in steps):
+            return []  # the stem's codes read again as a residual
         return [(m, s - 1, r - 1 if r >= 0 else -1) for m, s, r in steps[1:]]
 
     def pool(self, h):
