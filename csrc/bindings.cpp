@@ -181,6 +181,14 @@ PYBIND11_MODULE(_C, m) {
              return py::make_tuple(v[0], v[1], v[2], v[3] != 0);
            })
       .def("arena_bytes", &lathe::ConvChain::arena_bytes)
+      .def("set_profile", &lathe::ConvChain::set_profile)
+      .def("profile_ns",
+           [](const lathe::ConvChain& c) {
+             py::list l;
+             for (int64_t v : c.profile_ns()) l.append(v);
+             return l;
+           })
+      .def("profile_reset", &lathe::ConvChain::profile_reset)
       .def("run", [](lathe::ConvChain& c, uintptr_t x, int64_t B, int64_t H, int64_t W, uintptr_t out, uintptr_t bad,
                      int nthreads) {
         py::gil_scoped_release nogil;

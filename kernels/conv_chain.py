@@ -73,6 +73,27 @@ class ConvChain:
         y = y.q if hasattr(y, "q") else y.permute(0, 2, 3, 1).contiguous()
         return y, ~torch.isfinite(x.sum((1, 2, 3)))
 
+    def layer_times(self, x: torch.Tensor, runs: int = 5) -> list[tuple[str, float]]:
+        """Where a CPU run's time goes: [(label, median seconds over `runs` runs)], first the
+        images' quantization, then each layer (kind, kernel, stride, channels), as the C++ chain
+        clocks them (bench/conv_layers.py prints them beside onnxruntime's per-node profile)."""
+        import statistics
+
+        cc = self._cpp_chain()
+        per = []
+        cc.set_profile(True)
+        try:
+            for _ in range(runs):
+                cc.profile_reset()
+                self.run_cpu(x)
+                per.append(cc.profile_ns())
+        finally:
+            cc.set_profile(False)
+        labels = ["quantize images"] + [
+            f"{i:2d} {'dw' if d['depthwise'] else 'conv'} k{d['k']} s{d['stride']} {d['C']}->{d['N']}"
+            for i, d in enumerate(self.layers)]
+        return [(n, statistics.median(p[j] for p in per) / 1e9) for j, n in enumerate(labels)]
+
     def out_shape(self, H: int, W: int):
         hw = []
         for d in self.layers:

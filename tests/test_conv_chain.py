@@ -111,3 +111,48 @@ def test_unquantized_model_runs_the_float_path():
     m = _tiny()
     assert qconv.int8_chain(m, m.int8_steps) is None
     assert m(_x(1, 64, 64)).shape == (1, 10)
+
+
+def test_chain_after_openmp_and_from_python_threads(qmodel):
+    """The chain's loops are served by the OpenMP team (TaskPool::host): right after torch's own
+    OpenMP loops, and from two Python threads at once (each its own team; one run at a time per
+    chain), the results stay those of the reference."""
+    import threading
+
+    x = _x(2, 48, 40, seed=5)
+    want = _reference(qmodel, x)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    errors = []
+
+    def work():
+        try:
+            with torch.inference_mode():
+                for _ in range(4):
+                    torch.randn(1 << 16).add_(1.0)  # an OpenMP loop of torch's just before
+                    assert torch.equal(qmodel(x), want)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    try:
+        ts = [threading.Thread(target=work) for _ in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        torch.set_num_threads(old)
+    assert not errors, errors
+
+
+def test_layer_times(qmodel):
+    from lathe.kernels import conv_chain
+    x = _x(1, 64, 64)
+    with torch.inference_mode():
+        qmodel(x)
+    c = conv_chain._OWNED[qmodel]
+    times = c.layer_times(x, runs=3)
+    assert len(times) == len(c.layers) + 1 and times[0][0] == "quantize images"
+    assert all(t >= 0 for _, t in times) and sum(t for _, t in times) > 0
+    assert "dw k3" in " ".join(n for n, _ in times)
+    with torch.inference_mode():  # profiling is off again and the results unchanged
+        assert torch.equal(qmodel(x), _reference(qmodel, x))

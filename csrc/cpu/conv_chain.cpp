@@ -135,8 +135,18 @@ void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, 
   plan(B, H, W);
   nthreads = std::max(1, nthreads);
   uint8_t* base = arena_.data() + (64 - reinterpret_cast<uintptr_t>(arena_.data()) % 64) % 64;
-  // The calling thread runs the layers; the pool's workers claim chunks of each layer's loop.
+  // The calling thread runs the layers; the OpenMP team's other threads claim chunks of each
+  // layer's loop through the pool (TaskPool::host): no threads of the chain's own.
+  if (profile_ && prof_ns_.size() != layers_.size() + 1) profile_reset();
+  using clock = std::chrono::steady_clock;
+  auto lap = [&](clock::time_point* t, size_t slot) {
+    if (!profile_) return;
+    const clock::time_point now = clock::now();
+    prof_ns_[slot] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - *t).count();
+    *t = now;
+  };
   auto body = [&] {
+    clock::time_point t = profile_ ? clock::now() : clock::time_point{};
     const uint8_t* in = codes;
     if (codes) {
       std::fill(bad, bad + B, uint8_t{0});
@@ -144,6 +154,7 @@ void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, 
       quantize_nchw_u8(x, B, in_c_, H, W, in_scale_, in_zp_, base + off_[0], c4(in_c_), nthreads, bad);
       in = base + off_[0];
     }
+    lap(&t, 0);
     const int L = static_cast<int>(layers_.size());
     for (int i = 0; i < L; ++i) {
       const ChainLayer& l = layers_[i];
@@ -166,6 +177,7 @@ void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, 
       a.nthreads = nthreads;
       if (l.depthwise) dwconv_int8(a);
       else conv2d_int8(a);
+      lap(&t, i + 1);
     }
   };
   if (nthreads == 1) {
@@ -181,21 +193,10 @@ void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, 
     body();
     return;
   }
-  if (!pool_ || pool_->workers() != nthreads - 1 || pool_pid_ != getpid()) {
-    if (pool_pid_ != getpid()) (void)pool_.release();  // a forked child: the parent's workers are not here
-    pool_ = std::make_unique<TaskPool>(nthreads - 1);
-    pool_pid_ = getpid();
-  }
-  TaskPool::Bind bind(pool_.get());
+  if (!pool_) pool_ = std::make_unique<TaskPool>(0);
   pool_->take_wait_ns();
   const auto t0 = std::chrono::steady_clock::now();
-  try {
-    body();
-  } catch (...) {
-    pool_->park();
-    throw;
-  }
-  pool_->park();
+  pool_->host(nthreads, body);
   const int64_t total =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
   if (pool_->take_wait_ns() * 4 > total) solo_runs_ = 8;

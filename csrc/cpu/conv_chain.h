@@ -42,6 +42,11 @@ class ConvChain {
   void run(const float* x, const uint8_t* codes, int64_t B, int64_t H, int64_t W, void* out, uint8_t* bad,
            int nthreads);
   int64_t arena_bytes() const { return static_cast<int64_t>(arena_.size()); }
+  // Per-layer wall time: off by default (a clock read a layer); on, each run adds each layer's
+  // nanoseconds (index 0: the images' quantization, i + 1: layer i) until profile_reset().
+  void set_profile(bool on) { profile_ = on; }
+  std::vector<int64_t> profile_ns() const { return prof_ns_; }
+  void profile_reset() { prof_ns_.assign(layers_.size() + 1, 0); }
 
  private:
   struct Geo {
@@ -59,9 +64,10 @@ class ConvChain {
   std::vector<Geo> geo_;
   std::vector<int64_t> off_;  // arena offset of the images' codes (0) and of each layer's output (1..)
   std::vector<uint8_t> arena_;
-  std::unique_ptr<TaskPool> pool_;  // nthreads - 1 workers (made again for a new count or after a fork)
-  int64_t pool_pid_ = -1;
-  int solo_runs_ = 0;  // runs left on one thread after the workers stalled the last parallel one
+  std::unique_ptr<TaskPool> pool_;  // the layers' chunks, served by the OpenMP team (TaskPool::host)
+  int solo_runs_ = 0;
+  bool profile_ = false;
+  std::vector<int64_t> prof_ns_;  // runs left on one thread after the workers stalled the last parallel one
 };
 
 }  // namespace lathe

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
 
 namespace lathe {
 namespace {
@@ -45,7 +46,7 @@ bool TaskPool::work(uint64_t gen) {
 }
 
 TaskPool::TaskPool(int workers) {
-  for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { serve(); });
+  for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { serve(false); });
 }
 
 TaskPool::~TaskPool() {
@@ -57,20 +58,22 @@ TaskPool::~TaskPool() {
   for (auto& t : threads_) t.join();
 }
 
-void TaskPool::serve() {
-  uint64_t seen = 0;
+void TaskPool::serve(bool hosted) {
+  // a hosted worker starts from the current job: one posted before it arrived is still claimable
+  uint64_t seen = hosted ? gen_.load(std::memory_order_acquire) - 1 : 0;
+  auto over = [&] { return hosted && !hosting_.load(std::memory_order_acquire); };
   for (;;) {
     uint64_t g = gen_.load(std::memory_order_acquire);
-    for (int s = 0; g == seen && s < kSpins && !parked_.load(std::memory_order_relaxed); ++s) {
+    for (int s = 0; g == seen && s < kSpins && !parked_.load(std::memory_order_relaxed) && !over(); ++s) {
       _mm_pause();
       g = gen_.load(std::memory_order_acquire);
     }
-    if (g == seen) {
+    if (g == seen && !over()) {
       std::unique_lock<std::mutex> lk(mu_);
-      wake_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+      wake_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen || over(); });
       g = gen_.load(std::memory_order_acquire);
     }
-    if (g == kStop) return;
+    if (g == kStop || (g == seen && over())) return;
     seen = g;
     work(g);
   }
@@ -83,9 +86,11 @@ void TaskPool::run(int64_t tasks, int ways, const std::function<void(int64_t, in
   }
   const int64_t chunks = std::min<int64_t>(tasks, 4 * static_cast<int64_t>(ways));
   const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
+  // the new generation first: a worker still in work() for the last job fails its next claim
+  // instead of claiming a chunk against this job's counts; gen_ (stored last) publishes the rest
+  claim_.store((g & 0xFFFFFFFFu) << 32, std::memory_order_seq_cst);
   tasks_ = tasks, chunks_ = chunks, fn_ = &fn;
   done_.store(0, std::memory_order_relaxed);
-  claim_.store((g & 0xFFFFFFFFu) << 32, std::memory_order_release);
   parked_.store(false, std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> lk(mu_);  // a worker about to sleep sees the new job under the lock
@@ -99,6 +104,35 @@ void TaskPool::run(int64_t tasks, int ways, const std::function<void(int64_t, in
     wait_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
                            .count());
   }
+}
+
+void TaskPool::host(int nthreads, const std::function<void()>& body) {
+  if (nthreads <= 1 || omp_in_parallel()) {  // nested: the caller does every chunk itself
+    Bind b(this);
+    body();
+    return;
+  }
+  std::exception_ptr err;
+  hosting_.store(true, std::memory_order_release);
+#pragma omp parallel num_threads(nthreads)
+  {
+    if (omp_get_thread_num() == 0) {
+      try {
+        Bind b(this);
+        body();
+      } catch (...) {
+        err = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> lk(mu_);  // a worker about to sleep sees the end under the lock
+        hosting_.store(false, std::memory_order_release);
+      }
+      wake_.notify_all();
+    } else {
+      serve(true);  // returns at once where body() ended before this thread arrived
+    }
+  }
+  if (err) std::rethrow_exception(err);
 }
 
 TaskPool::Bind::Bind(TaskPool* p) : prev(tl_pool) { tl_pool = p; }

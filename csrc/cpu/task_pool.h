@@ -19,8 +19,13 @@ namespace lathe {
 
 class TaskPool {
  public:
-  explicit TaskPool(int workers);  // starts the worker threads
+  explicit TaskPool(int workers);  // starts the worker threads (0: none, see host())
   ~TaskPool();
+  // Runs body() on the calling thread with the pool bound to it, while nthreads - 1 threads of
+  // the OpenMP team serve the pool's loops: the threads torch's and lathe's own OpenMP loops
+  // already woke (and that spin a while after each loop) do the chunks, instead of contending
+  // for the cores with threads of the pool's own. Exceptions from body() come back here.
+  void host(int nthreads, const std::function<void()>& body);
   int workers() const { return static_cast<int>(threads_.size()); }
   // fn(first, last) over contiguous chunks of [0, tasks); `ways`: the chunk count is 4 x ways.
   void run(int64_t tasks, int ways, const std::function<void(int64_t, int64_t)>& fn);
@@ -37,7 +42,7 @@ class TaskPool {
   };
 
  private:
-  void serve();             // a worker's loop
+  void serve(bool hosted);  // a worker's loop (until the pool closes; hosted: until host()'s body ends)
   bool work(uint64_t gen);  // claims and runs chunks of job gen; false once none is left
   std::vector<std::thread> threads_;
   std::mutex mu_;
@@ -46,6 +51,7 @@ class TaskPool {
   std::atomic<uint64_t> claim_{0};  // gen << 32 | next chunk: a late thread cannot claim a newer job's chunk
   std::atomic<int64_t> done_{0};    // chunks finished in the current job
   std::atomic<bool> parked_{false};
+  std::atomic<bool> hosting_{false};  // host(): its OpenMP workers serve until it is false again
   std::atomic<int64_t> wait_ns_{0};
   int64_t tasks_ = 0, chunks_ = 0;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
