@@ -1,10 +1,12 @@
 // ConvChain (see conv_chain.h).
 #include "cpu/conv_chain.h"
 
-#include <unistd.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <new>
 #include <exception>
 #include <string>
 
@@ -30,6 +32,19 @@ void axis(int64_t size, int64_t k, int64_t s, int64_t pad, int64_t* before, int6
 }
 
 }  // namespace
+
+Arena::~Arena() { std::free(p_); }
+
+void Arena::reserve(int64_t bytes) {
+  if (bytes <= n_) return;
+  constexpr int64_t kHuge = int64_t{2} << 20;
+  const int64_t n = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, static_cast<size_t>(n));
+  if (!p) throw std::bad_alloc();
+  (void)madvise(p, static_cast<size_t>(n), MADV_HUGEPAGE);  // advice only: fine where refused
+  std::free(p_);
+  p_ = static_cast<uint8_t*>(p), n_ = n;
+}
 
 ConvChain::ConvChain(int64_t in_channels, float in_scale, int32_t in_zp)
     : in_c_(in_channels), in_scale_(in_scale), in_zp_(in_zp) {
@@ -122,7 +137,7 @@ void ConvChain::plan(int64_t B, int64_t H, int64_t W) {
   off_.assign(L + 1, 0);
   for (int b = 0; b <= L; ++b)
     if (slot_of[b] >= 0) off_[b] = slot_off[slot_of[b]];
-  if (static_cast<int64_t>(arena_.size()) < total + 64) arena_.resize(total + 64);  // + 64: vector over-reads
+  arena_.reserve(total + 64);  // + 64: vector over-reads
   key_B_ = B, key_H_ = H, key_W_ = W;
 }
 
@@ -134,7 +149,7 @@ void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, 
   std::lock_guard<std::mutex> lock(mu_);
   plan(B, H, W);
   nthreads = std::max(1, nthreads);
-  uint8_t* base = arena_.data() + (64 - reinterpret_cast<uintptr_t>(arena_.data()) % 64) % 64;
+  uint8_t* base = arena_.data();  // 2 MiB-aligned
   // The calling thread runs the layers; the OpenMP team's other threads claim chunks of each
   // layer's loop through the pool (TaskPool::host): no threads of the chain's own.
   if (profile_ && prof_ns_.size() != layers_.size() + 1) profile_reset();

@@ -14,6 +14,24 @@
 
 namespace lathe {
 
+// The chain's activation arena: 2 MiB-aligned and advised as transparent huge pages, so a batch's
+// tens of MB of activations cost few TLB misses and every run sees the same cache-set layout
+// (a plain vector's base address changes which buffers alias from one process to the next).
+class Arena {
+ public:
+  Arena() = default;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  ~Arena();
+  void reserve(int64_t bytes);  // grows (contents not kept)
+  uint8_t* data() const { return p_; }
+  int64_t size() const { return n_; }
+
+ private:
+  uint8_t* p_ = nullptr;
+  int64_t n_ = 0;
+};
+
 struct ChainLayer {
   int depthwise = 0;
   int64_t C = 0, N = 0, kh = 1, kw = 1, stride = 1;
@@ -41,7 +59,7 @@ class ConvChain {
   // first layer; bad is then all 0 (the caller knows its own).
   void run(const float* x, const uint8_t* codes, int64_t B, int64_t H, int64_t W, void* out, uint8_t* bad,
            int nthreads);
-  int64_t arena_bytes() const { return static_cast<int64_t>(arena_.size()); }
+  int64_t arena_bytes() const { return arena_.size(); }
   // Per-layer wall time: off by default (a clock read a layer); on, each run adds each layer's
   // nanoseconds (index 0: the images' quantization, i + 1: layer i) until profile_reset().
   void set_profile(bool on) { profile_ = on; }
@@ -63,7 +81,7 @@ class ConvChain {
   int64_t key_B_ = -1, key_H_ = -1, key_W_ = -1;
   std::vector<Geo> geo_;
   std::vector<int64_t> off_;  // arena offset of the images' codes (0) and of each layer's output (1..)
-  std::vector<uint8_t> arena_;
+  Arena arena_;
   std::unique_ptr<TaskPool> pool_;  // the layers' chunks, served by the OpenMP team (TaskPool::host)
   int solo_runs_ = 0;
   bool profile_ = false;
