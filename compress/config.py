@@ -29,8 +29,9 @@ class Int8Config:
 
     CNNs (lathe.compress.conv_quant, static per-tensor activations) read act_observer (None:
     mse), skip and the conv_* fields: conv_gptq (error-aware weight rounding), conv_bias_correction
-    (the rounding's mean output shift removed), conv_float_first (off by default: the units that
-    read the image stay fp32, better logits at half the speed), conv_equalize (range equalization of the activations written without ReLU6, e.g.
+    (the rounding's mean output shift removed), conv_float_first (on by default: the units that
+    read the image stay fp32 on lathe's fp32-in, u8-out kernel, at the speed of the int8 stem and
+    with far better logits), conv_equalize (range equalization of the activations written without ReLU6, e.g.
     the MBConv residual streams: exact in fp32). The ablation: bench/results/efficientnet-lite0-quality.md."""
 
     method: ClassVar[str] = "int8"
@@ -46,7 +47,7 @@ class Int8Config:
     skip: list = field(default_factory=list)  # fnmatch patterns of module names kept in fp32
     conv_gptq: bool = True
     conv_bias_correction: bool = True
-    conv_float_first: bool = False  # True: cos 0.9987 vs 0.9926, but 1.3-2x slower (the fp32 stem)
+    conv_float_first: bool = True  # EfficientNet-Lite0: cos 0.9987 vs 0.9926 for the int8 stem, same speed
     conv_equalize: bool = True
 
     def __post_init__(self):

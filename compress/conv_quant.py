@@ -13,7 +13,7 @@ The recipe's accuracy steps, each optional (the kernel format is the same with o
 - float_first: the units that read the image stay fp32 (their input would be quantized per
   tensor over three differently scaled colour channels, and every later unit amplifies the
   error), as FloatConvAct (lathe.compress.fconv): BN folded, writing the u8 codes the next
-  unit reads.
+  unit reads, on lathe's fp32-in, u8-out kernel (the first layer of the conv chain).
 The input statistics of gptq / bias_correction come from the same pass as the activation
 ranges."""
 from __future__ import annotations

@@ -2,7 +2,8 @@
 lathe.compress.conv_quant's float_first), lean: BatchNorm folded into the weight and bias, the
 activation applied in place, channels_last so the output is already NHWC, and, when its
 consumers are int8 units, the output quantized straight to the u8 NHWC codes they read (a
-QAct), so the next unit quantizes nothing."""
+QAct), so the next unit quantizes nothing: then it runs on torch.ops.lathe.conv2d_f32_u8 (fp32
+images in, codes out, csrc/cpu/conv_f32_u8.h) and joins lathe's int8 conv chain as its first layer."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lathe.compress.modules import register_module
+from lathe.compress.qconv import QAct
 from lathe.errors import BadInput
 
 
@@ -25,6 +27,7 @@ class FloatConvAct(nn.Module):
         self.out_scale, self.out_zp = out_scale, out_zp
         self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, kernel_size, kernel_size))
         self.register_buffer("bias", torch.zeros(out_channels))
+        self.register_buffer("_packed", None, persistent=False)  # the CPU kernel's layout, made once
 
     @classmethod
     def from_unit(cls, unit, out_qparams=None):
@@ -62,6 +65,10 @@ class FloatConvAct(nn.Module):
         H, W = x.shape[-2:]
         k, s = self.kernel_size, self.stride
         pt, pl, oh, ow = conv_geometry(H, W, k, s, self.padding)
+        if self._codes_op():  # lathe's fp32-in, u8-out kernel (its reference elsewhere)
+            q, bad = torch.ops.lathe.conv2d_f32_u8(x, self.weight, self.bias, s, pt, pl, oh, ow, self.act,
+                                                    self.out_scale, self.out_zp, self._cpu_packed(x))
+            return QAct(q, self.out_channels, self.out_scale, self.out_zp, bad if bad.any() else None)
         pb, pr = (oh - 1) * s + k - H - pt, (ow - 1) * s + k - W - pl
         x = x.float().contiguous(memory_format=torch.channels_last)
         if pt or pl or pb > 0 or pr > 0:
@@ -76,6 +83,38 @@ class FloatConvAct(nn.Module):
         if self.out_scale <= 0:
             return y
         return self._quantize(y)
+
+    def _codes_op(self) -> bool:
+        return self.out_scale > 0 and self.groups == 1 and self.kernel_size <= 8 and self.out_channels <= 4096
+
+    def _cpu_packed(self, x):
+        from lathe.kernels.dispatch import backend_for
+        if backend_for("conv2d_int8", x.device) != "cpu":
+            return None
+        if self._packed is None:
+            from lathe.kernels import cpu_conv
+            self._packed = cpu_conv.pack_f32(self.weight)
+        return self._packed
+
+    # the first layer of lathe's int8 conv chain (lathe.kernels.conv_chain)
+    def chain_ready(self) -> bool:
+        from lathe.compress import qconv
+        return qconv.GRAPH_HOOK is None
+
+    def chain_layer(self) -> dict | None:
+        if not self.chain_ready() or not self._codes_op():
+            return None
+        if self._packed is None:
+            from lathe.kernels import cpu_conv
+            self._packed = cpu_conv.pack_f32(self.weight)
+        return {"depthwise": False, "C": self.in_channels, "N": self.out_channels, "k": self.kernel_size,
+                "stride": self.stride, "padding": self.padding, "packed": None, "wsum": None, "w_scale": None,
+                "fpacked": self._packed, "bias": self.bias, "act": self.act, "in_scale": 1.0, "in_zp": 0,
+                "out_scale": self.out_scale, "out_zp": self.out_zp, "out_hw": self._out_hw}
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        from lathe.models.convnet import conv_geometry
+        return conv_geometry(h, w, self.kernel_size, self.stride, self.padding)[2:]
 
     def _act_in_codes(self) -> bool:
         """The u8 clamp [0, 255] already is the ReLU/ReLU6 (zero point 0, 255 codes within 6):

@@ -5,6 +5,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/conv_chain.h"
+#include "cpu/conv_f32_u8.h"
 #include "cpu/conv_int8.h"
 #include "cpu/int8_gemm.h"
 #include "cpu/int8_gemm_amx.h"
@@ -162,13 +163,40 @@ PYBIND11_MODULE(_C, m) {
         else lathe::conv2d_int8(a);
       },
       "int8 convolution on NHWC u8 activations: dense (implicit GEMM) or depthwise.");
+  // fp32 first layers writing u8 codes (csrc/cpu/conv_f32_u8.h)
+  m.def("conv_f32_u8_packed_floats", &lathe::conv_f32_u8_packed_floats);
+  m.def("conv_f32_u8_pack", [](uintptr_t w, int64_t N, int64_t C, int64_t kh, int64_t kw, uintptr_t packed) {
+    py::gil_scoped_release nogil;
+    lathe::conv_f32_u8_pack(ptr<const float>(w), N, C, kh, kw, ptr<float>(packed));
+  });
+  m.def(
+      "conv_f32_u8",
+      [](uintptr_t x, py::sequence in_shape, py::sequence geom, uintptr_t packed, uintptr_t bias, int64_t N, int act,
+         double out_scale, int out_zp, uintptr_t out, int64_t ldo, uintptr_t bad, int nthreads) {
+        check(py::len(in_shape) == 4, "conv_f32_u8: in_shape is (B, C, H, W)");
+        check(py::len(geom) == 7, "conv_f32_u8: geom is (kh, kw, stride, pad_t, pad_l, OH, OW)");
+        lathe::ConvF32Args a;
+        a.x = ptr<const float>(x);
+        a.B = in_shape[0].cast<int64_t>(), a.C = in_shape[1].cast<int64_t>();
+        a.H = in_shape[2].cast<int64_t>(), a.W = in_shape[3].cast<int64_t>();
+        a.kh = geom[0].cast<int64_t>(), a.kw = geom[1].cast<int64_t>(), a.stride = geom[2].cast<int64_t>();
+        a.pad_t = geom[3].cast<int64_t>(), a.pad_l = geom[4].cast<int64_t>();
+        a.OH = geom[5].cast<int64_t>(), a.OW = geom[6].cast<int64_t>();
+        a.packed = ptr<const float>(packed), a.bias = ptr<const float>(bias), a.N = N, a.act = act;
+        a.out_scale = static_cast<float>(out_scale), a.out_zp = out_zp, a.out = ptr<uint8_t>(out), a.ldo = ldo;
+        a.bad = ptr<uint8_t>(bad), a.nthreads = nthreads;
+        py::gil_scoped_release nogil;
+        lathe::conv_f32_u8(a);
+      },
+      "fp32 convolution on NCHW images writing u8 NHWC codes (a first layer kept in fp32).");
   py::class_<lathe::ConvChain>(m, "ConvChain", "int8 convolutions run as one chain (csrc/cpu/conv_chain.h)")
       .def(py::init<int64_t, float, int32_t>())
       .def("add",
            [](lathe::ConvChain& c, bool depthwise, int64_t C, int64_t N, int64_t kh, int64_t kw, int64_t stride,
               int64_t pad, uintptr_t packed, uintptr_t wsum, uintptr_t w_scale, uintptr_t bias, int src, int res,
-              int act, double out_scale, int out_zp) {
+              int act, double out_scale, int out_zp, uintptr_t fpacked) {
              lathe::ChainLayer l;
+             l.fpacked = ptr<const float>(fpacked);
              l.depthwise = depthwise, l.C = C, l.N = N, l.kh = kh, l.kw = kw, l.stride = stride, l.pad = pad;
              l.packed = ptr<const int8_t>(packed), l.wsum = ptr<const int32_t>(wsum);
              l.w_scale = ptr<const float>(w_scale), l.bias = ptr<const float>(bias);

@@ -8,7 +8,9 @@ producer/residual as indices into the steps (-1: the images / none); int8_chain(
 builds the chain once. Units are duck-typed (lathe.compress.qconv.QConv2dInt8 is one): they
 have chain_layer() (a dict, or None when they must run one by one) and wrap_output(y, bad), and
 calling one runs it alone. chain_layer()'s dict: depthwise, C, N, k, stride, padding ("same" or
-an int), packed, wsum, w_scale, bias, act, in/out scale and zero point, out_hw(h, w)."""
+an int), packed, wsum, w_scale, bias, act, in/out scale and zero point, out_hw(h, w). An fp32
+first layer (lathe.compress.fconv.FloatConvAct) gives fpacked instead of packed/wsum/w_scale:
+its fp32 weights in csrc/cpu/conv_f32_u8.h's layout; it reads the fp32 images themselves."""
 from __future__ import annotations
 
 import math
@@ -31,6 +33,8 @@ class ConvChain:
             if not -1 <= s < i or not -1 <= r < i:
                 raise BadInput(f"int8 chain step {i}: its inputs must come before it")
             d = m.chain_layer()
+            if d is not None and d.get("fpacked") is not None and i > 0:
+                raise BadInput(f"int8 chain step {i}: only the first layer may be fp32")
             if d is None:
                 raise BadInput(f"int8 chain step {i} cannot run in a chain now")
             if i + 1 < len(self.steps) and d["out_scale"] <= 0:
@@ -55,7 +59,7 @@ class ConvChain:
                  "stride": d["stride"], "pad": -1 if d["padding"] == "same" else int(d["padding"]),
                  "packed": d["packed"], "wsum": d["wsum"], "w_scale": d["w_scale"], "bias": d["bias"],
                  "src": d["src"], "res": d["res"], "act": d["act"], "out_scale": d["out_scale"],
-                 "out_zp": d["out_zp"]} for d in self.layers])  # self.layers keeps the tensors alive
+                 "out_zp": d["out_zp"], "fpacked": d.get("fpacked")} for d in self.layers])  # self.layers keeps the tensors alive
         return self._cpp
 
     def run_cpu(self, x: torch.Tensor):
@@ -108,6 +112,8 @@ class ConvChain:
         chain's input quantization (a lathe.compress.qconv.QAct: q, C, scale, zp, bad)."""
         bad_in = None
         if hasattr(x, "q"):
+            if self.layers[0].get("fpacked") is not None:
+                raise BadInput("int8 chain: its first layer is fp32 and reads the fp32 images, not u8 codes")
             if x.C != self.in_channels or x.zp != self.in_zp or not math.isclose(x.scale, self.in_scale, rel_tol=1e-6):
                 raise BadInput(f"int8 chain: its input codes ({x.C} channels, scale {x.scale}, zp {x.zp}) are not "
                                f"the quantization its first units read ({self.in_channels}, {self.in_scale}, {self.in_zp})")
@@ -130,7 +136,7 @@ def int8_chain(owner, steps_fn) -> ConvChain | None:
         return None
     c = _OWNED.get(owner)
     if c is None or len(c.steps) != len(steps) or not all(
-            a[0] is b[0] and a[1:] == tuple(b[1:]) and d["packed"] is b[0]._packed
+            a[0] is b[0] and a[1:] == tuple(b[1:]) and (d["packed"] if d.get("fpacked") is None else d["fpacked"]) is b[0]._packed
             for a, b, d in zip(c.steps, steps, c.layers)):
         c = ConvChain(steps)
         _OWNED[owner] = c

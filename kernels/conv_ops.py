@@ -127,3 +127,79 @@ def reference(x, C, x_scale, x_zp, w_q, w_scale, bias, depthwise, stride, pad_t,
     return epilogue(acc, x_scale, w_scale, bias, residual, res_scale, res_zp, act, out_scale, out_zp,
                     w_q.shape[0])
 
+
+
+# ----------------------------------------------------------------------------- fp32 first layer
+
+@torch.library.custom_op("lathe::conv2d_f32_u8", mutates_args=())
+def conv2d_f32_u8(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], stride: int, pad_t: int,
+                  pad_l: int, OH: int, OW: int, act: str, out_scale: float, out_zp: int,
+                  packed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense fp32 convolution on fp32 NCHW images writing u8 NHWC codes [B, OH, OW, N rounded up
+    to 4] at (out_scale, out_zp), the activation folded into the clamp; and bool [B], the images
+    whose outputs were not finite. The first layer of an int8 network kept in fp32
+    (csrc/cpu/conv_f32_u8.h); packed: lathe.kernels.cpu_conv.pack_f32(w), made once."""
+    _check_f32(x, w, bias, stride, pad_t, pad_l, OH, OW, act, out_scale, out_zp)
+    if backend_for("conv2d_int8", x.device) == "cpu":
+        from lathe.kernels import cpu_conv
+        if packed is None:
+            packed = cpu_conv.pack_f32(w)
+        return cpu_conv.conv_f32_u8(x.float().contiguous(), packed, None if bias is None else bias.contiguous(),
+                                    w.shape[0], w.shape[-1], (stride, pad_t, pad_l, OH, OW), act, out_scale, out_zp)
+    return f32_u8_reference(x, w, bias, stride, pad_t, pad_l, OH, OW, act, out_scale, out_zp)
+
+
+@conv2d_f32_u8.register_fake
+def _(x, w, bias, stride, pad_t, pad_l, OH, OW, act, out_scale, out_zp, packed):
+    N4 = -(-w.shape[0] // 4) * 4
+    return (x.new_empty(x.shape[0], OH, OW, N4, dtype=torch.uint8), x.new_empty(x.shape[0], dtype=torch.bool))
+
+
+def _check_f32(x, w, bias, stride, pad_t, pad_l, OH, OW, act, out_scale, out_zp):
+    if x.dim() != 4 or not x.dtype.is_floating_point:
+        raise BadInput(f"conv2d_f32_u8: x must be float NCHW [B, C, H, W], got {x.dtype} {tuple(x.shape)}")
+    if w.dim() != 4 or w.dtype != torch.float32 or w.shape[1] != x.shape[1] or w.shape[2] != w.shape[3]:
+        raise BadInput(f"conv2d_f32_u8: weight must be float32 [N, {x.shape[1]}, k, k], got {w.dtype} "
+                       f"{tuple(w.shape)}")
+    if w.shape[-1] > 8 or w.shape[0] > 4096:
+        raise BadInput(f"conv2d_f32_u8: kernel {w.shape[-1]} > 8 or {w.shape[0]} > 4096 outputs")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (w.shape[0],)):
+        raise BadInput(f"conv2d_f32_u8: bias must be float32 [{w.shape[0]}]")
+    if stride < 1 or pad_t < 0 or pad_l < 0 or OH < 1 or OW < 1:
+        raise BadInput(f"conv2d_f32_u8: bad geometry stride={stride} pad=({pad_t}, {pad_l}) out={OH}x{OW}")
+    if act not in ("none", "relu", "relu6"):
+        raise BadInput(f"conv2d_f32_u8: act must be none, relu or relu6, got {act!r}")
+    if not out_scale > 0 or not 0 <= out_zp <= 255:
+        raise BadInput(f"conv2d_f32_u8: bad output quantization scale={out_scale} zp={out_zp}")
+
+
+def f32_u8_reference(x, w, bias, stride, pad_t, pad_l, OH, OW, act, out_scale, out_zp):
+    """The kernel's operations in its order: y = bias, then y = y + x * w tap by tap (c, ky, kx),
+    each an fp32 multiply and an fp32 add (a tap in the zero padding adds an exact zero), then
+    the codes as conv_f32_u8.h writes them."""
+    f32 = torch.float32
+    x = x.to(f32)
+    B, C, H, W = x.shape
+    N, _, kh, kw = w.shape
+    pb = max((OH - 1) * stride + kh - H - pad_t, 0)
+    pr = max((OW - 1) * stride + kw - W - pad_l, 0)
+    xp = F.pad(x, (pad_l, pr, pad_t, pb))
+    y = (bias if bias is not None else torch.zeros(N, dtype=f32, device=x.device)).view(1, N, 1, 1)
+    y = y.expand(B, N, OH, OW).clone()
+    for c in range(C):
+        for ky in range(kh):
+            for kx in range(kw):
+                xs = xp[:, c, ky:ky + (OH - 1) * stride + 1:stride, kx:kx + (OW - 1) * stride + 1:stride]
+                y = y + xs[:, None] * w[:, c, ky, kx].view(1, N, 1, 1)
+    bad = ~torch.isfinite(y).flatten(1).all(1)
+    inv = 1.0 / torch.tensor(out_scale, dtype=f32)
+    t = y * inv
+    big = 1048576.0
+    t = torch.where(torch.isnan(t), torch.tensor(-big, dtype=f32), t.clamp(-big, big))
+    lo = out_zp if act in ("relu", "relu6") else 0
+    hi = min(255.0, out_zp + torch.round(6 * inv).item()) if act == "relu6" else 255
+    q = (torch.round(t) + out_zp).clamp(lo, max(lo, hi)).to(torch.uint8).permute(0, 2, 3, 1)
+    N4 = -(-N // 4) * 4
+    if N4 != N:
+        q = torch.cat([q, q.new_full((*q.shape[:3], N4 - N), out_zp)], -1)
+    return q.contiguous(), bad

@@ -48,17 +48,43 @@ def conv(x, C: int, x_scale: float, x_zp: int, w_shape, packed, wsum, w_scale, b
     return out
 
 
+def pack_f32(w: torch.Tensor):
+    """fp32 OIHW weight [N, C, kh, kw] -> the fp32 first layer's layout (csrc/cpu/conv_f32_u8.h)."""
+    C_ = _ext.require_cpu()
+    w = w.float().contiguous()
+    N, C, kh, kw = w.shape
+    packed = torch.empty(C_.conv_f32_u8_packed_floats(N, C, kh, kw), dtype=torch.float32)
+    C_.conv_f32_u8_pack(w.data_ptr(), N, C, kh, kw, packed.data_ptr())
+    return packed
+
+
+def conv_f32_u8(x, packed, bias, N: int, k: int, geom, act: str, out_scale: float, out_zp: int):
+    """x fp32 NCHW contiguous; geom (stride, pad_t, pad_l, OH, OW) -> (u8 [B, OH, OW, N4] codes,
+    bool [B]: the images whose outputs were not finite)."""
+    C_ = _ext.require_cpu()
+    B, C, H, W = x.shape
+    stride, pad_t, pad_l, OH, OW = geom
+    out = torch.empty(B, OH, OW, -(-N // 4) * 4, dtype=torch.uint8)
+    bad = torch.empty(B, dtype=torch.uint8)
+    C_.conv_f32_u8(x.data_ptr(), (B, C, H, W), (k, k, stride, pad_t, pad_l, OH, OW), packed.data_ptr(),
+                   0 if bias is None else bias.data_ptr(), N, ACTS[act], float(out_scale), int(out_zp),
+                   out.data_ptr(), out.shape[-1], bad.data_ptr(), torch.get_num_threads())
+    return out, bad.bool()
+
+
 def chain(in_channels: int, in_scale: float, in_zp: int, layers):
     """lathe._C.ConvChain over layers: dicts with depthwise, C, N, kh, kw, stride, pad (-1 same),
-    packed, wsum, w_scale, bias (tensors; bias may be None), src, res, act, out_scale, out_zp.
+    packed, wsum, w_scale, bias (tensors; bias may be None), src, res, act, out_scale, out_zp,
+    and fpacked (pack_f32's weights: an fp32 first layer on the images; else None).
     The caller keeps the tensors alive as long as the chain."""
     C_ = _ext.require_cpu()
     c = C_.ConvChain(int(in_channels), float(in_scale), int(in_zp))
     for d in layers:
+        def p(t):
+            return 0 if t is None else t.data_ptr()
         c.add(bool(d["depthwise"]), d["C"], d["N"], d["kh"], d["kw"], d["stride"], d["pad"],
-              d["packed"].data_ptr(), d["wsum"].data_ptr(), d["w_scale"].data_ptr(),
-              0 if d["bias"] is None else d["bias"].data_ptr(), d["src"], d["res"], ACTS[d["act"]],
-              float(d["out_scale"]), int(d["out_zp"]))
+              p(d["packed"]), p(d["wsum"]), p(d["w_scale"]), p(d["bias"]), d["src"], d["res"],
+              ACTS[d["act"]], float(d["out_scale"]), int(d["out_zp"]), p(d.get("fpacked")))
     return c
 
 

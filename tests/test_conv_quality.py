@@ -192,7 +192,7 @@ def test_fp32_stem_reloads_and_exports(tmp_path):
     save_file({k: v.contiguous() for k, v in EfficientNetLite(cfg).eval().state_dict().items()},
               str(src / "model.safetensors"))
     (src / "config.json").write_text(json.dumps(cfg))
-    recipe = tmp_path / "float-first.yaml"  # the stem kept fp32 (off by default)
+    recipe = tmp_path / "float-first.yaml"  # the stem kept fp32 (the default, said explicitly)
     recipe.write_text("name: float-first\nsteps:\n  - method: int8\n    conv_float_first: true\n")
     out = lathe.compress_checkpoint(src, str(recipe), tmp_path / "q")
     m = lathe.load(out)

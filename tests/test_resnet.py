@@ -18,9 +18,9 @@ def test_tiny_resnet_int8(tmp_path, layer_type):
     out = lathe.compress_checkpoint(src, "int8", tmp_path / "q")
     m, ref = lathe.load(out), lathe.load(src)
     from lathe.compress.fconv import FloatConvAct
-    # the stem reads the image: int8 by default (conv_float_first off), writing u8 like the others
+    # the stem reads the image: fp32 by default (conv_float_first), writing u8 like the others
     convs = [q for q in m.modules() if isinstance(q, (QConv2dInt8, FloatConvAct))]
-    assert isinstance(m.stem, QConv2dInt8)
+    assert isinstance(m.stem, FloatConvAct)
     assert len(convs) == len(ref.conv_units()) and sum(q.out_scale > 0 for q in convs) == len(convs) - 1
     x = images.image_set(8, 64)
     q = vision.quality(vision.logits(ref, x), vision.logits(m, x))

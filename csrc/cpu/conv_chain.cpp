@@ -54,7 +54,14 @@ ConvChain::ConvChain(int64_t in_channels, float in_scale, int32_t in_zp)
 void ConvChain::add(const ChainLayer& l) {
   const int i = static_cast<int>(layers_.size());
   const std::string who = "conv chain layer " + std::to_string(i) + ": ";
-  check(l.packed && l.wsum && l.w_scale, who + "null pointer");
+  if (l.fpacked) {
+    check(i == 0 && l.src == -1 && l.res == -1 && !l.depthwise && l.out_scale > 0,
+          who + "an fp32 layer must be the first, read the images and write u8 codes");
+  } else {
+    check(l.packed && l.wsum && l.w_scale, who + "null pointer");
+    check(l.src >= 0 || layers_.empty() || !layers_[0].fpacked,
+          who + "reads the images, which the fp32 first layer reads in fp32 (no codes of them exist)");
+  }
   check(l.src >= -1 && l.src < i && l.res >= -1 && l.res < i, who + "its inputs must come before it");
   const int64_t cin = l.src < 0 ? in_c_ : layers_[l.src].N;
   check(cin == l.C, who + "takes " + std::to_string(l.C) + " channels, its producer gives " + std::to_string(cin));
@@ -101,7 +108,7 @@ void ConvChain::plan(int64_t B, int64_t H, int64_t W) {
   geo_ = geometry(H, W);
   const int L = static_cast<int>(layers_.size());
   std::vector<int64_t> bytes(L + 1, 0);  // 0: the images' codes, i + 1: layer i (the last writes `out`)
-  bytes[0] = B * H * W * c4(in_c_);
+  bytes[0] = layers_[0].fpacked ? 0 : B * H * W * c4(in_c_);
   for (int i = 0; i + 1 < L; ++i) bytes[i + 1] = B * geo_[i].OH * geo_[i].OW * c4(layers_[i].N);
   std::vector<int> last(L + 1, -1);
   for (int i = 0; i < L; ++i) {
@@ -144,6 +151,7 @@ void ConvChain::plan(int64_t B, int64_t H, int64_t W) {
 void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, int64_t W, void* out, uint8_t* bad,
                      int nthreads) {
   check((x || codes) && out && bad && !layers_.empty(), "conv chain: null pointer or no layers");
+  check(x || !layers_[0].fpacked, "conv chain: its fp32 first layer needs the fp32 images, not codes");
   check(B >= 0 && H > 0 && W > 0, "conv chain: bad image shape");
   if (B == 0) return;
   std::lock_guard<std::mutex> lock(mu_);
@@ -165,7 +173,7 @@ void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, 
     const uint8_t* in = codes;
     if (codes) {
       std::fill(bad, bad + B, uint8_t{0});
-    } else {
+    } else if (!layers_[0].fpacked) {
       quantize_nchw_u8(x, B, in_c_, H, W, in_scale_, in_zp_, base + off_[0], c4(in_c_), nthreads, bad);
       in = base + off_[0];
     }
@@ -174,6 +182,17 @@ void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, 
     for (int i = 0; i < L; ++i) {
       const ChainLayer& l = layers_[i];
       const Geo& g = geo_[i];
+      if (l.fpacked) {  // the fp32 first layer: images in, u8 codes out, bad images flagged
+        ConvF32Args f;
+        f.x = x, f.B = B, f.C = l.C, f.H = g.H, f.W = g.W, f.kh = l.kh, f.kw = l.kw, f.stride = l.stride;
+        f.pad_t = g.pt, f.pad_l = g.pl, f.OH = g.OH, f.OW = g.OW, f.packed = l.fpacked, f.bias = l.bias;
+        f.N = l.N, f.act = l.act, f.out_scale = l.out_scale, f.out_zp = l.out_zp;
+        f.out = i + 1 == L ? static_cast<uint8_t*>(out) : base + off_[i + 1], f.ldo = c4(l.N);
+        f.bad = bad, f.nthreads = nthreads;
+        conv_f32_u8(f);
+        lap(&t, i + 1);
+        continue;
+      }
       ConvArgs a;
       a.x = l.src < 0 ? in : base + off_[l.src + 1];
       a.B = B, a.H = g.H, a.W = g.W, a.C = l.C, a.ldc = c4(l.C);

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu/conv_f32_u8.h"
 #include "cpu/conv_int8.h"
 #include "cpu/task_pool.h"
 
@@ -40,6 +41,7 @@ struct ChainLayer {
   const int32_t* wsum = nullptr;
   const float* w_scale = nullptr;
   const float* bias = nullptr;
+  const float* fpacked = nullptr;   // non-null: an fp32 first layer on the fp32 images (conv_f32_u8_pack)
   int src = -1;                     // producer layer, -1: the images
   int res = -1;                     // residual producer layer, -1: none
   int act = 0;

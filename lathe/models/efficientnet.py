@@ -101,8 +101,10 @@ class EfficientNetLite(nn.Module):
     def features(self, x):
         check_images(x, self.cfg.image_size)
         from lathe.kernels.conv_chain import int8_chain
-        # quantized: every conv in one op; an fp32 stem writing u8 codes feeds the chain of the rest
-        float_stem = not hasattr(self.stem, "chain_layer") and getattr(self.stem, "out_scale", 0) > 0
+        # quantized: every conv in one op, an fp32 stem writing u8 codes included (lathe's fp32-in,
+        # u8-out kernel); a stem the chain cannot run feeds the chain of the rest its codes
+        in_chain = callable(getattr(self.stem, "chain_layer", None)) and self.stem.chain_layer() is not None
+        float_stem = not in_chain and getattr(self.stem, "out_scale", 0) > 0
         chain = int8_chain(self, self._int8_steps_after_stem if float_stem else self.int8_steps)
         if chain is not None:
             return chain(self.stem(x) if float_stem else x)
