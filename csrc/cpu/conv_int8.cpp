@@ -466,8 +466,18 @@ LATHE_T512 void dw_row_vnni(const ConvArgs& a, const Epi& e, const DwRow& row, i
     int64_t ow = 0;
     for (; ow + OB <= a.OW; ow += OB)
       dw_block_vnni<OB, KW, S>(a, e, row, RG, ow * a.stride - a.pad_l, c0, mk, wcb, mulP, initP, out, m_row + ow);
-    for (; ow < a.OW; ++ow)
-      dw_block_vnni<1, 0, 0>(a, e, row, RG, ow * a.stride - a.pad_l, c0, mk, wcb, mulP, initP, out, m_row + ow);
+    const int64_t iw = ow * a.stride - a.pad_l;
+    if constexpr (KW > 0) {  // the row's last 1-3 outputs: one block of them (7x7 and 14x14 maps end so)
+      switch (a.OW - ow) {
+        case 3: dw_block_vnni<3, KW, S>(a, e, row, RG, iw, c0, mk, wcb, mulP, initP, out, m_row + ow); break;
+        case 2: dw_block_vnni<2, KW, S>(a, e, row, RG, iw, c0, mk, wcb, mulP, initP, out, m_row + ow); break;
+        case 1: dw_block_vnni<1, KW, S>(a, e, row, RG, iw, c0, mk, wcb, mulP, initP, out, m_row + ow); break;
+        default: break;
+      }
+    } else {
+      for (; ow < a.OW; ++ow)
+        dw_block_vnni<1, 0, 0>(a, e, row, RG, ow * a.stride - a.pad_l, c0, mk, wcb, mulP, initP, out, m_row + ow);
+    }
   }
 }
 
