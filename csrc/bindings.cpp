@@ -210,6 +210,8 @@ PYBIND11_MODULE(_C, m) {
            })
       .def("arena_bytes", &lathe::ConvChain::arena_bytes)
       .def("set_profile", &lathe::ConvChain::set_profile)
+      .def("set_solo_fallback", &lathe::ConvChain::set_solo_fallback)
+      .def("solo_runs", &lathe::ConvChain::solo_runs)
       .def("profile_ns",
            [](const lathe::ConvChain& c) {
              py::list l;

@@ -48,6 +48,8 @@ SHAPES = [  # B, H, W, C, N, k, stride, pad, depthwise
     (1, 10, 11, 96, 96, 5, 1, 2, True),
     (1, 9, 9, 144, 144, 5, 2, 2, True),
     (1, 3, 3, 1, 1, 3, 1, 1, True),
+    (1, 6, 6, 33, 33, 3, 1, 1, True),       # rows ending in 2 outputs (each remainder 1-3 is covered)
+    (1, 11, 12, 20, 20, 5, 2, 2, True),
 ]
 
 

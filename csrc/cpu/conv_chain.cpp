@@ -233,7 +233,7 @@ void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, 
   pool_->host(nthreads, body);
   const int64_t total =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
-  if (pool_->take_wait_ns() * 4 > total) solo_runs_ = 8;
+  if (solo_fallback_ && pool_->take_wait_ns() * 4 > total) solo_runs_ = 8;
 }
 
 }  // namespace lathe

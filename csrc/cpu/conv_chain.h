@@ -67,6 +67,8 @@ class ConvChain {
   void set_profile(bool on) { profile_ = on; }
   std::vector<int64_t> profile_ns() const { return prof_ns_; }
   void profile_reset() { prof_ns_.assign(layers_.size() + 1, 0); }
+  void set_solo_fallback(bool on) { solo_fallback_ = on, solo_runs_ = 0; }
+  int solo_runs() const { return solo_runs_; }
 
  private:
   struct Geo {
@@ -86,6 +88,7 @@ class ConvChain {
   Arena arena_;
   std::unique_ptr<TaskPool> pool_;  // the layers' chunks, served by the OpenMP team (TaskPool::host)
   int solo_runs_ = 0;
+  bool solo_fallback_ = true;
   bool profile_ = false;
   std::vector<int64_t> prof_ns_;  // runs left on one thread after the workers stalled the last parallel one
 };
