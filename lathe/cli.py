@@ -345,7 +345,7 @@ def _demo(a):
 
 # `lathe bench NAME ...`: benchmarks with their own options -> their module in lathe.bench
 BENCH_TOOLS = {"kernels": "kernels", "quantizers": "quantizers", "paired": "paired", "overhead": "overhead",
-               "pruned": "prune_tradeoff"}
+               "pruned": "prune_tradeoff", "conv-layers": "conv_layers"}
 
 
 def user_error(e: BaseException) -> str | None:

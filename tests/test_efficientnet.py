@@ -146,3 +146,20 @@ def test_cli_bad_checkpoint_shapes_exit_2(tiny_dir, tmp_path, capsys):
     assert main(["compress", str(bad), "--recipe", "int8", "-o", str(tmp_path / "o"), "--no-summary"]) == 2
     err = capsys.readouterr().err
     assert "shape" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_conv_layers(tiny_dir, tmp_path, capsys):
+    """`lathe bench conv-layers`: every chain layer timed (the fp32 stem first), beside
+    onnxruntime's static int8 model, one QLinearConv per layer, paired in order."""
+    pytest.importorskip("onnxruntime")
+    from lathe.cli import main
+    q = lathe.compress_checkpoint(tiny_dir, "int8", tmp_path / "q")
+    out = tmp_path / "layers.json"
+    assert main(["bench", "conv-layers", str(q), "--runs", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    n = sum(isinstance(m, nn.Conv2d) for m in lathe.load(tiny_dir).modules())
+    assert len(doc["lathe"]) == n + 1 and doc["lathe"][1]["layer"].startswith(" 0 conv k3 s2 3->")
+    assert all(r["s"] >= 0 for r in doc["lathe"]) and sum(r["s"] for r in doc["lathe"]) > 0
+    assert sum(r["op"] == "QLinearConv" for r in doc["onnxruntime"]) == n
+    text = capsys.readouterr().out
+    assert "ratio" in text and "not paired" not in text
