@@ -36,21 +36,13 @@ def lathe_layers(target, batch: int, runs: int) -> list[tuple[str, float]]:
 
 def ort_layers(target, batch: int, runs: int, work: Path) -> list[tuple[str, str, float]]:
     """[(node name, op type, median seconds)] of onnxruntime's static int8 model, in run order."""
-    import onnxruntime as ort
-
     from lathe import images, vision
     from lathe.bench.vision import backends
+    from lathe.export.validate import ort_session
     from lathe.source import open_source
 
     backends(target, work, ("ort-int8",), log=lambda *a: None)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.enable_profiling = True
-    so.profile_file_prefix = str(work / "ort-profile")
-    s = ort.InferenceSession(str(work / "model-ort-qdq.onnx"), so, providers=["CPUExecutionProvider"])
+    s = ort_session(work / "model-ort-qdq.onnx", profile_prefix=str(work / "ort-profile"))
     src = open_source(target)
     src = open_source(src.manifest["source"]["path"]) if src.is_compressed else src
     x = images.image_set(batch, vision.image_size(src), seed=3).numpy()

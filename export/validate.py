@@ -59,7 +59,7 @@ class Validation:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def ort_session(model, threads: int | None = None):
+def ort_session(model, threads: int | None = None, profile_prefix: str | None = None):
     """The one onnxruntime CPU session builder: `model` is a path or an onnx ModelProto;
     intra-op threads = threads or torch's, one inter-op thread, warnings off, and threads that
     do not spin-wait between runs (interleaved with torch and lathe on a small machine, spinning
@@ -72,6 +72,9 @@ def ort_session(model, threads: int | None = None):
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:  # onnxruntime's per-node profile (lathe bench conv-layers reads it)
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
