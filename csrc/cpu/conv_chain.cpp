@@ -227,7 +227,7 @@ void ConvChain::run(const float* x, const uint8_t* codes, int64_t B, int64_t H, 
     body();
     return;
   }
-  if (!pool_) pool_ = std::make_unique<TaskPool>(0);
+  if (!pool_) pool_ = std::make_unique<TaskPool>();
   pool_->take_wait_ns();
   const auto t0 = std::chrono::steady_clock::now();
   pool_->host(nthreads, body);

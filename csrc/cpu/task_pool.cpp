@@ -14,7 +14,6 @@ namespace {
 
 thread_local TaskPool* tl_pool = nullptr;
 constexpr int kSpins = 1 << 13;  // pauses before a waiting thread yields its core (tens of us: a layer gap)
-constexpr uint64_t kStop = ~0ULL;
 
 inline void range(int64_t tasks, int64_t n, int64_t k, int64_t* a, int64_t* b) {
   *a = tasks * k / n, *b = tasks * (k + 1) / n;
@@ -45,26 +44,13 @@ bool TaskPool::work(uint64_t gen) {
   }
 }
 
-TaskPool::TaskPool(int workers) {
-  for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { serve(false); });
-}
-
-TaskPool::~TaskPool() {
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    gen_.store(kStop, std::memory_order_release);
-  }
-  wake_.notify_all();
-  for (auto& t : threads_) t.join();
-}
-
-void TaskPool::serve(bool hosted) {
-  // a hosted worker starts from the current job: one posted before it arrived is still claimable
-  uint64_t seen = hosted ? gen_.load(std::memory_order_acquire) - 1 : 0;
-  auto over = [&] { return hosted && !hosting_.load(std::memory_order_acquire); };
+void TaskPool::serve() {
+  // start from the current job: one posted before this thread arrived is still claimable
+  uint64_t seen = gen_.load(std::memory_order_acquire) - 1;
+  auto over = [&] { return !hosting_.load(std::memory_order_acquire); };
   for (;;) {
     uint64_t g = gen_.load(std::memory_order_acquire);
-    for (int s = 0; g == seen && s < kSpins && !parked_.load(std::memory_order_relaxed) && !over(); ++s) {
+    for (int s = 0; g == seen && s < kSpins && !over(); ++s) {
       _mm_pause();
       g = gen_.load(std::memory_order_acquire);
     }
@@ -73,7 +59,7 @@ void TaskPool::serve(bool hosted) {
       wake_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen || over(); });
       g = gen_.load(std::memory_order_acquire);
     }
-    if (g == kStop || (g == seen && over())) return;
+    if (g == seen && over()) return;
     seen = g;
     work(g);
   }
@@ -91,7 +77,6 @@ void TaskPool::run(int64_t tasks, int ways, const std::function<void(int64_t, in
   claim_.store((g & 0xFFFFFFFFu) << 32, std::memory_order_seq_cst);
   tasks_ = tasks, chunks_ = chunks, fn_ = &fn;
   done_.store(0, std::memory_order_relaxed);
-  parked_.store(false, std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> lk(mu_);  // a worker about to sleep sees the new job under the lock
     gen_.store(g, std::memory_order_release);
@@ -129,7 +114,7 @@ void TaskPool::host(int nthreads, const std::function<void()>& body) {
       }
       wake_.notify_all();
     } else {
-      serve(true);  // returns at once where body() ended before this thread arrived
+      serve();  // returns at once where body() ended before this thread arrived
     }
   }
   if (err) std::rethrow_exception(err);
