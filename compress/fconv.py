@@ -65,7 +65,7 @@ class FloatConvAct(nn.Module):
         H, W = x.shape[-2:]
         k, s = self.kernel_size, self.stride
         pt, pl, oh, ow = conv_geometry(H, W, k, s, self.padding)
-        if self._codes_op():  # lathe's fp32-in, u8-out kernel (its reference elsewhere)
+        if self._codes_op() and x.device.type == "cpu":  # lathe's fp32-in, u8-out kernel (or its reference)
             q, bad = torch.ops.lathe.conv2d_f32_u8(x, self.weight, self.bias, s, pt, pl, oh, ow, self.act,
                                                     self.out_scale, self.out_zp, self._cpu_packed(x))
             return QAct(q, self.out_channels, self.out_scale, self.out_zp, bad if bad.any() else None)
