@@ -11,11 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lathe.compress.modules import register_module
-from lathe.compress.qconv import QAct
+from lathe.compress.qconv import ChainUnit, QAct
 from lathe.errors import BadInput
 
 
-class FloatConvAct(nn.Module):
+class FloatConvAct(ChainUnit, nn.Module):
     """Buffers: weight fp32 [N, C/groups, k, k] and bias [N] (BN folded). out_scale 0: fp32
     NCHW output (channels_last memory); > 0: QAct with (out_scale, out_zp)."""
 
@@ -87,34 +87,25 @@ class FloatConvAct(nn.Module):
     def _codes_op(self) -> bool:
         return self.out_scale > 0 and self.groups == 1 and self.kernel_size <= 8 and self.out_channels <= 4096
 
-    def _cpu_packed(self, x):
-        from lathe.kernels.dispatch import backend_for
-        if backend_for("conv2d_int8", x.device) != "cpu":
-            return None
+    def _pack(self):
         if self._packed is None:
             from lathe.kernels import cpu_conv
             self._packed = cpu_conv.pack_f32(self.weight)
         return self._packed
 
-    # the first layer of lathe's int8 conv chain (lathe.kernels.conv_chain)
-    def chain_ready(self) -> bool:
-        from lathe.compress import qconv
-        return qconv.GRAPH_HOOK is None
+    def _cpu_packed(self, x):
+        from lathe.kernels.dispatch import backend_for
+        return self._pack() if backend_for("conv2d_int8", x.device) == "cpu" else None
 
+    # the first layer of lathe's int8 conv chain (lathe.kernels.conv_chain)
     def chain_layer(self) -> dict | None:
         if not self.chain_ready() or not self._codes_op():
             return None
-        if self._packed is None:
-            from lathe.kernels import cpu_conv
-            self._packed = cpu_conv.pack_f32(self.weight)
+        self._pack()
         return {"depthwise": False, "C": self.in_channels, "N": self.out_channels, "k": self.kernel_size,
                 "stride": self.stride, "padding": self.padding, "packed": None, "wsum": None, "w_scale": None,
                 "fpacked": self._packed, "bias": self.bias, "act": self.act, "in_scale": 1.0, "in_zp": 0,
                 "out_scale": self.out_scale, "out_zp": self.out_zp, "out_hw": self._out_hw}
-
-    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
-        from lathe.models.convnet import conv_geometry
-        return conv_geometry(h, w, self.kernel_size, self.stride, self.padding)[2:]
 
     def _act_in_codes(self) -> bool:
         """The u8 clamp [0, 255] already is the ReLU/ReLU6 (zero point 0, 255 codes within 6):
@@ -126,7 +117,7 @@ class FloatConvAct(nn.Module):
     def _quantize(self, y):
         """NHWC u8 codes of y (channels_last), padded to a multiple of 4 channels; NaN images
         flagged as quantize_input flags them."""
-        from lathe.compress.qconv import QAct
+        from lathe.compress.qconv import ChainUnit, QAct
 
         B, C = y.shape[:2]
         bad = ~torch.isfinite(y.sum((1, 2, 3)))

@@ -72,7 +72,20 @@ def quantize_input(x: torch.Tensor, scale: float, zp: int) -> QAct:
 GRAPH_HOOK = None
 
 
-class QConv2dInt8(nn.Module):
+class ChainUnit:
+    """What every conv unit of lathe's int8 conv chain (lathe.kernels.conv_chain) shares; the
+    unit has kernel_size, stride and padding."""
+
+    def chain_ready(self) -> bool:
+        """False while an ONNX export traces the units one by one."""
+        return GRAPH_HOOK is None
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        from lathe.models.convnet import conv_geometry
+        return conv_geometry(h, w, self.kernel_size, self.stride, self.padding)[2:]
+
+
+class QConv2dInt8(ChainUnit, nn.Module):
     """Buffers: weight int8 OHWI [N, kh, kw, C/groups], weight_scale fp32 [N] (symmetric per
     output channel), bias fp32 [N] (conv bias + folded BatchNorm). Constructor args carry the
     geometry and the static activation quantization (in, out; out_scale 0 = fp32 output)."""
@@ -187,10 +200,6 @@ class QConv2dInt8(nn.Module):
         return y
 
     # lathe.kernels.conv_chain runs a model's units in one op through these three
-    def chain_ready(self) -> bool:
-        """False while an ONNX export traces the units one by one."""
-        return GRAPH_HOOK is None
-
     def chain_layer(self) -> dict | None:
         """This unit as a layer of lathe's int8 conv chain; None while an ONNX export traces."""
         if not self.chain_ready():
@@ -203,10 +212,6 @@ class QConv2dInt8(nn.Module):
                 "packed": self._packed, "wsum": self._wsum, "w_scale": self.weight_scale, "bias": self.bias,
                 "act": self.act, "in_scale": self.in_scale, "in_zp": self.in_zp, "out_scale": self.out_scale,
                 "out_zp": self.out_zp, "out_hw": self._out_hw}
-
-    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
-        from lathe.models.convnet import conv_geometry
-        return conv_geometry(h, w, self.kernel_size, self.stride, self.padding)[2:]
 
     def wrap_output(self, y: torch.Tensor, bad: torch.Tensor | None):
         """The chain's NHWC result as this unit's forward returns it."""

@@ -114,11 +114,17 @@ def epilogue(acc, x_scale, w_scale, bias, residual, res_scale, res_zp, act, out_
     t = (acc + bq).float() * (s * inv)
     if r is not None:
         t = t + r * (torch.tensor(res_scale, dtype=f32) * inv)
-    lo = out_zp if act in ("relu", "relu6") else 0
-    hi = min(255.0, out_zp + torch.round(6 * inv).item()) if act == "relu6" else 255
-    q = (torch.round(t) + out_zp).clamp(lo, max(lo, hi)).to(torch.uint8)
+    q = (torch.round(t) + out_zp).clamp(*u8_act_bounds(act, inv, out_zp)).to(torch.uint8)
     N4 = -(-N // 4) * 4
     return F.pad(q, (0, N4 - N)).contiguous() if N4 != N else q.contiguous()
+
+
+def u8_act_bounds(act, inv, out_zp) -> tuple[float, float]:
+    """The u8 clamp (lo, hi) with the activation folded in, as csrc/cpu/conv_int8.h's
+    u8_act_bounds (inv: fp32 1 / out_scale)."""
+    lo = out_zp if act in ("relu", "relu6") else 0
+    hi = min(255.0, out_zp + torch.round(6 * inv).item()) if act == "relu6" else 255
+    return lo, max(lo, hi)
 
 
 def reference(x, C, x_scale, x_zp, w_q, w_scale, bias, depthwise, stride, pad_t, pad_l, OH, OW,
@@ -196,9 +202,7 @@ def f32_u8_reference(x, w, bias, stride, pad_t, pad_l, OH, OW, act, out_scale, o
     t = y * inv
     big = 1048576.0
     t = torch.where(torch.isnan(t), torch.tensor(-big, dtype=f32), t.clamp(-big, big))
-    lo = out_zp if act in ("relu", "relu6") else 0
-    hi = min(255.0, out_zp + torch.round(6 * inv).item()) if act == "relu6" else 255
-    q = (torch.round(t) + out_zp).clamp(lo, max(lo, hi)).to(torch.uint8).permute(0, 2, 3, 1)
+    q = (torch.round(t) + out_zp).clamp(*u8_act_bounds(act, inv, out_zp)).to(torch.uint8).permute(0, 2, 3, 1)
     N4 = -(-N // 4) * 4
     if N4 != N:
         q = torch.cat([q, q.new_full((*q.shape[:3], N4 - N), out_zp)], -1)

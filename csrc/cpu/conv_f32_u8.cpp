@@ -14,6 +14,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/conv_int8.h"
 #include "cpu/isa.h"
 #include "cpu/task_pool.h"
 #include "cpu/vec_math.h"
@@ -21,7 +22,7 @@
 namespace lathe {
 namespace {
 
-constexpr float kBig = 1048576.f;  // 2^20: past it the code clamps to lo or hi anyway
+constexpr float kBig = kRequantBig;
 inline int64_t np16(int64_t n) { return (n + 15) / 16 * 16; }
 
 struct Quant {  // the epilogue's constants
@@ -33,9 +34,7 @@ Quant make_quant(const ConvF32Args& a) {
   Quant q;
   q.inv = 1.f / a.out_scale;
   q.zp = a.out_zp;
-  q.lo = a.act >= 1 ? a.out_zp : 0;
-  const float h = a.act == 2 ? std::min(255.f, static_cast<float>(a.out_zp) + std::nearbyint(6.f * q.inv)) : 255.f;
-  q.hi = std::max(q.lo, static_cast<int32_t>(h));
+  u8_act_bounds(a.act, q.inv, a.out_zp, &q.lo, &q.hi);
   return q;
 }
 

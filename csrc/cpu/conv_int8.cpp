@@ -24,7 +24,7 @@ namespace lathe {
 namespace {
 
 constexpr int kMaxTaps = 64;  // up to 8x8 kernels
-constexpr float kBig = 1048576.f;  // |t| past this clamps to 0 or 255 anyway; keeps cvt in range
+constexpr float kBig = kRequantBig;
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t c4(int64_t c) { return ceil_div(c, 4) * 4; }
 
@@ -70,9 +70,9 @@ Epi make_epi(const ConvArgs& a) {
   e.rmul = a.out_u8 ? a.res_scale * inv : a.res_scale;
   e.rzp = a.res_zp;
   if (a.out_u8) {
-    e.lo = static_cast<uint8_t>(a.act >= 1 ? a.out_zp : 0);
-    const float h = a.act == 2 ? std::min(255.f, static_cast<float>(a.out_zp) + std::nearbyint(6.f * inv)) : 255.f;
-    e.hi = static_cast<uint8_t>(std::max(static_cast<float>(e.lo), h));
+    int32_t lo, hi;
+    u8_act_bounds(a.act, inv, a.out_zp, &lo, &hi);
+    e.lo = static_cast<uint8_t>(lo), e.hi = static_cast<uint8_t>(hi);
   }
   return e;
 }

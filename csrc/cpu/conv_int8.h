@@ -17,6 +17,8 @@
 // one column interleaved per VPDPBUSD group, each interleaved column reused by every output of
 // the row that needs it; widened int32 multiply-adds on AVX2; plain loops on scalar.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace lathe {
@@ -44,6 +46,18 @@ struct ConvArgs {
   int64_t ldo = 0;
   int nthreads = 1;
 };
+
+// |t| past this clamps to lo or hi anyway: keeps the float -> int32 conversion in range.
+constexpr float kRequantBig = 1048576.f;
+
+// The u8 clamp [lo, hi] with the activation folded in (act 1 relu: lo = zp; 2 relu6: also
+// hi = zp + round(6 / out_scale), at most 255); inv = 1 / out_scale. Shared by every kernel that
+// writes u8 codes, so their activations clamp alike.
+inline void u8_act_bounds(int act, float inv, int32_t zp, int32_t* lo, int32_t* hi) {
+  *lo = act >= 1 ? zp : 0;
+  const float h = act == 2 ? std::min(255.f, static_cast<float>(zp) + std::nearbyint(6.f * inv)) : 255.f;
+  *hi = std::max(*lo, static_cast<int32_t>(h));
+}
 
 // Dense weights int8 OHWI [N, kh, kw, C] -> int8_gemm layout over K = kh * kw * C4.
 int64_t conv2d_int8_packed_bytes(int64_t N, int64_t kh, int64_t kw, int64_t C);
